@@ -1,0 +1,40 @@
+"""Typed errors of the checkpoint library.
+
+One base, ``CheckpointError``; subclasses say what went wrong, and every message
+names the file (and the tensor, where there is one). Subclasses also inherit a
+builtin where the meaning matches (``CheckpointNotFoundError`` is a
+``FileNotFoundError``), so generic handlers keep working. All errors pickle with
+their message, so they cross Ray actor boundaries intact.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base of every error raised by ``orchestrator.checkpoint``."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint, its index, one of its data shards, or a tensor is missing."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A file is structurally invalid: truncated, wrong magic, bad sizes or offsets."""
+
+
+class CRCMismatchError(CorruptCheckpointError):
+    """A block or tensor checksum does not match its bytes."""
+
+
+class UnsupportedVersionError(CheckpointError, ValueError):
+    """The checkpoint was written by a producer version we cannot read."""

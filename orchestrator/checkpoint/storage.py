@@ -1,0 +1,229 @@
+"""The one place that talks to fsspec.
+
+Every checkpoint path is a local path or an fsspec URL (``memory://``, ``s3://``,
+``gs://``, ``file://``). ``Storage`` wraps the filesystem behind a handful of verbs
+the checkpoint code needs, so no other module imports fsspec and fault-injecting
+filesystems can be swapped in by tests.
+
+Atomicity: ``write_atomic`` makes a file appear whole or not at all. On filesystems
+with an atomic rename (local disk, memory) it writes ``<path>.tmp-<hex>`` and renames;
+on object stores a single PUT of the whole object is already atomic, so it uploads
+directly. A failed write removes what it left behind and re-raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from typing import Any, Iterator, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TEMP_MARKER = ".tmp-"
+_OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+class Storage:
+    """A filesystem plus the conventions checkpoints rely on.
+
+    Paths given to methods are full paths in the form returned by ``resolve``
+    (for URLs, the protocol is kept so messages show what the user typed).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, protocol: str = "", fsync: bool = True):
+        self.fs = fs
+        self.protocol = protocol
+        self.fsync = fsync
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_path(
+        cls, path: str, storage_options: Mapping[str, Any] | None = None, fsync: bool = True
+    ) -> tuple["Storage", str]:
+        """Return ``(storage, path)`` for a local path or URL.
+
+        The returned path keeps the protocol for URLs (``memory://x/y``) and is
+        absolute for local paths.
+        """
+        path = os.fspath(path)
+        fs, _ = url_to_fs(path, **dict(storage_options or {}))
+        protocol = path.split("://", 1)[0] if "://" in path else ""
+        if protocol in ("", "file", "local"):
+            local = path.split("://", 1)[1] if "://" in path else path
+            return cls(fs, "", fsync), os.path.abspath(os.path.expanduser(local))
+        return cls(fs, protocol, fsync), path.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return any(p in ("file", "local") for p in _protocols(self.fs))
+
+    @property
+    def has_atomic_rename(self) -> bool:
+        """True where ``mv`` of one file is atomic (local disk, memory)."""
+        return not any(p in _OBJECT_STORE_PROTOCOLS for p in _protocols(self.fs))
+
+    # ------------------------------------------------------------------ paths
+    def _strip(self, path: str) -> str:
+        return self.fs._strip_protocol(path)
+
+    def _unstrip(self, stripped: str) -> str:
+        if not self.protocol:
+            return stripped
+        if stripped.startswith(self.protocol + "://"):
+            return stripped
+        return f"{self.protocol}://{stripped.lstrip('/')}"
+
+    @staticmethod
+    def join(*parts: str) -> str:
+        return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
+
+    @staticmethod
+    def dirname(path: str) -> str:
+        if "://" in path:
+            proto, rest = path.split("://", 1)
+            return f"{proto}://{posixpath.dirname(rest)}"
+        return os.path.dirname(path)
+
+    @staticmethod
+    def basename(path: str) -> str:
+        return posixpath.basename(path.rstrip("/")) if "://" in path else os.path.basename(path)
+
+    # ------------------------------------------------------------------ queries
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self._strip(path))
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(self._strip(path))
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(self._strip(path)))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Matching paths, sorted, in the same form as the pattern."""
+        return sorted(self._unstrip(p) for p in self.fs.glob(self._strip(pattern)))
+
+    def listdir(self, path: str) -> list[str]:
+        """Full paths of the entries of a directory; empty if it does not exist."""
+        try:
+            names = self.fs.ls(self._strip(path), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(self._unstrip(n) for n in names)
+
+    def modified(self, path: str) -> float | None:
+        """Modification time as Unix seconds, where the filesystem reports one."""
+        try:
+            stamp = self.fs.modified(self._strip(path))
+        except (NotImplementedError, FileNotFoundError, OSError):
+            return None
+        return stamp.timestamp()
+
+    # ------------------------------------------------------------------ reads
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(self._strip(path))
+
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        """Bytes ``[start, start+length)``; fewer only if the file is shorter."""
+        if length <= 0:
+            return b""
+        return self.fs.cat_file(self._strip(path), start=start, end=start + length)
+
+    def open_read(self, path: str):
+        return self.fs.open(self._strip(path), "rb")
+
+    # ------------------------------------------------------------------ writes
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(self._strip(path), exist_ok=True)
+
+    @contextlib.contextmanager
+    def write_atomic(self, path: str) -> Iterator[Any]:
+        """Open ``path`` for writing so that it appears whole or not at all.
+
+        Yields a binary file object. On success the data is flushed (and fsync'd on
+        local disk when ``fsync``) and moved into place; on any error the partial
+        file is removed and the error re-raised.
+        """
+        parent = self.dirname(path)
+        if parent and self.has_atomic_rename:
+            self.makedirs(parent)
+        target = path
+        if self.has_atomic_rename:
+            target = f"{path}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
+        stripped = self._strip(target)
+        f = self.fs.open(stripped, "wb")
+        try:
+            yield f
+            self._sync(f)
+            f.close()
+            if target != path:
+                self.rename(target, path)
+        except BaseException:
+            self._discard(f, stripped if target != path else None)
+            raise
+
+    def _discard(self, f: Any, temp: str | None) -> None:
+        """Drop a failed write: abort an object-store upload (never publish it), remove a temp file."""
+        with contextlib.suppress(Exception):
+            if temp is None and callable(getattr(f, "discard", None)):
+                f.discard()  # e.g. s3fs aborts the multipart upload; the old object stays
+                f.closed = True  # a discarded buffer must never be flushed by a later close()
+            elif not f.closed:
+                f.close()
+        if temp is not None:
+            with contextlib.suppress(Exception):
+                if self.fs.exists(temp):
+                    self.fs.rm_file(temp)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.write_atomic(path) as f:
+            f.write(data)
+
+    def _sync(self, f: Any) -> None:
+        if not (self.fsync and self.is_local):
+            return
+        f.flush()
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.fsync(f.fileno())
+
+    def sync_dir(self, path: str) -> None:
+        """fsync a local directory so renames in it survive a power loss."""
+        if not (self.fsync and self.is_local):
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        if self.is_local:
+            os.replace(src, dst)  # atomic, overwrites, no directory copies
+        else:
+            self.fs.mv(self._strip(src), self._strip(dst))
+
+    def rm(self, path: str, missing_ok: bool = True) -> None:
+        try:
+            self.fs.rm_file(self._strip(path))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def rmdir_tree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._strip(path), recursive=True)
+
+
+def storage_for(
+    path: str, storage_options: Mapping[str, Any] | None = None, fsync: bool = True
+) -> tuple[Storage, str]:
+    """Shorthand for ``Storage.for_path``."""
+    return Storage.for_path(path, storage_options, fsync)

@@ -1,0 +1,68 @@
+"""``Variable``: a named, mutable array that models, optimizers and the runtime hold.
+
+The array may live in numpy or cupy; checkpoint code always sees host (numpy)
+values through ``numpy()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def to_host(array: Any) -> np.ndarray:
+    """Return a numpy array for a numpy or cupy array (device to host copy for cupy)."""
+    if isinstance(array, np.ndarray):
+        return array
+    get = getattr(array, "get", None)  # cupy.ndarray.get() copies device -> host
+    if callable(get) and type(array).__module__.startswith("cupy"):
+        return get()
+    return np.asarray(array)
+
+
+class Variable:
+    """A named array. ``assign`` replaces the value in place of the same name.
+
+    ``trainable`` marks parameters (as opposed to optimizer slots and counters).
+    """
+
+    __slots__ = ("name", "value", "trainable")
+
+    def __init__(self, name: str, value: Any, trainable: bool = True):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Variable name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.value = value
+        self.trainable = trainable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.value.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.value.nbytes)
+
+    def numpy(self) -> np.ndarray:
+        return to_host(self.value)
+
+    def assign(self, value: Any) -> None:
+        """Set the value, keeping this variable's array module (numpy or cupy)."""
+        xp = _array_module(self.value)
+        self.value = xp.asarray(value, dtype=self.value.dtype).reshape(self.value.shape)
+
+    def __repr__(self) -> str:
+        return f"Variable({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _array_module(array: Any):
+    if type(array).__module__.startswith("cupy"):
+        import cupy  # only reached when the value already is a cupy array
+
+        return cupy
+    return np
