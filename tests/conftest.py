@@ -30,7 +30,7 @@ def ray_session():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="orchestrator-tests")
     yield ray
     ray.shutdown()

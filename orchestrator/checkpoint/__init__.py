@@ -1,21 +1,59 @@
-"""TensorFlow V2-format checkpoints ("tensor bundles") over fsspec. Never imports Ray."""
+"""TensorFlow V2-format checkpoints ("tensor bundles") over fsspec. Never imports Ray.
 
+Format layer: ``write_checkpoint``/``load_checkpoint`` for whole checkpoints,
+``ShardWriter`` + ``write_index`` for shards written by independent processes, and the
+``checkpoint`` state file helpers. Every path is a local path or an fsspec URL.
+"""
+
+from orchestrator.checkpoint.bundle import (
+    ShardResult,
+    ShardWriter,
+    data_filename,
+    index_filename,
+    write_index,
+)
 from orchestrator.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     CRCMismatchError,
+    InvalidCheckpointWriteError,
+    UnsupportedDtypeError,
     UnsupportedVersionError,
+)
+from orchestrator.checkpoint.reader import CheckpointReader, TensorEntry, list_variables, load_checkpoint
+from orchestrator.checkpoint.state import (
+    CheckpointState,
+    get_checkpoint_state,
+    latest_checkpoint,
+    update_checkpoint_state,
 )
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.variables import Variable
+from orchestrator.checkpoint.writer import write_checkpoint
 
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "CRCMismatchError",
+    "InvalidCheckpointWriteError",
+    "UnsupportedDtypeError",
     "UnsupportedVersionError",
     "Storage",
     "Variable",
+    "ShardResult",
+    "ShardWriter",
+    "data_filename",
+    "index_filename",
+    "write_index",
+    "CheckpointReader",
+    "TensorEntry",
+    "list_variables",
+    "load_checkpoint",
+    "CheckpointState",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "update_checkpoint_state",
+    "write_checkpoint",
 ]

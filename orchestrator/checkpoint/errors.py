@@ -38,3 +38,11 @@ class CRCMismatchError(CorruptCheckpointError):
 
 class UnsupportedVersionError(CheckpointError, ValueError):
     """The checkpoint was written by a producer version we cannot read."""
+
+
+class UnsupportedDtypeError(CheckpointError, TypeError):
+    """A tensor's dtype cannot be stored in (or read from) a TF V2 checkpoint."""
+
+
+class InvalidCheckpointWriteError(CheckpointError, ValueError):
+    """The tensors or shard results handed to a writer cannot form a valid checkpoint."""

@@ -1,0 +1,80 @@
+"""What ``orchestrator inspect PATH`` shows (TF's ``inspect_checkpoint``), as functions.
+
+``describe`` lists the tensors without reading any tensor data; ``format_table`` and
+``to_json`` render that list for people and for scripts; ``format_tensor`` prints a value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from orchestrator.checkpoint.reader import CheckpointReader, load_checkpoint
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One row: a tensor's name, dtype, shape, stored size and the shard(s) holding it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    shards: tuple[int, ...]
+    partitioned: bool = False
+
+    @property
+    def shard(self) -> str:
+        return ",".join(str(s) for s in self.shards)
+
+
+def describe(path: str, storage_options: Mapping[str, Any] | None = None) -> list[TensorInfo]:
+    """Rows for a checkpoint prefix or directory (its latest checkpoint), sorted by name."""
+    return describe_reader(load_checkpoint(path, storage_options))
+
+
+def describe_reader(reader: CheckpointReader) -> list[TensorInfo]:
+    return [_info(reader, name) for name in reader.keys()]
+
+
+def _info(reader: CheckpointReader, name: str) -> TensorInfo:
+    entry = reader.entry(name)
+    return TensorInfo(name, entry.dtype_name, entry.shape, reader.stored_nbytes(name), reader.shard_ids(name),
+                      bool(entry.slices))
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def format_table(rows: Sequence[TensorInfo]) -> str:
+    """An aligned text table with a total line."""
+    header = ("name", "dtype", "shape", "size", "shard")
+    body = [(r.name, r.dtype, str(list(r.shape)), _human(r.nbytes), r.shard) for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    total = sum(r.nbytes for r in rows)
+    lines.append(f"{len(rows)} tensors, {_human(total)} ({total} bytes)")
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[TensorInfo]) -> str:
+    """``{"tensors": [...], "num_tensors": n, "total_bytes": b}`` for scripts."""
+    tensors = [{**asdict(r), "shape": list(r.shape), "shards": list(r.shards)} for r in rows]
+    doc = {"tensors": tensors, "num_tensors": len(rows), "total_bytes": sum(r.nbytes for r in rows)}
+    return json.dumps(doc, indent=2)
+
+
+def format_tensor(name: str, array: np.ndarray, full: bool = False) -> str:
+    """``name (dtype, shape):`` then the value; ``full`` prints every element."""
+    threshold = sys.maxsize if full else 1000
+    value = np.array2string(np.asarray(array), threshold=threshold, separator=", ")
+    return f"{name} ({array.dtype}, {list(array.shape)}):\n{value}"
