@@ -3,6 +3,10 @@
 Format layer: ``write_checkpoint``/``load_checkpoint`` for whole checkpoints,
 ``ShardWriter`` + ``write_index`` for shards written by independent processes, and the
 ``checkpoint`` state file helpers. Every path is a local path or an fsspec URL.
+
+Policy layer: ``Saver`` (TF1 ``tf.train.Saver`` semantics), ``CheckpointManager``
+(directory-level retention and the atomic commit protocol), the model structure record
+and the safetensors export.
 """
 
 from orchestrator.checkpoint.bundle import (
@@ -21,7 +25,11 @@ from orchestrator.checkpoint.errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
+from orchestrator.checkpoint.commit import SaveFailedError
+from orchestrator.checkpoint.export import export_safetensors
+from orchestrator.checkpoint.manager import CheckpointInfo, CheckpointManager, list_checkpoints
 from orchestrator.checkpoint.reader import CheckpointReader, TensorEntry, list_variables, load_checkpoint
+from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
 from orchestrator.checkpoint.state import (
     CheckpointState,
     get_checkpoint_state,
@@ -29,6 +37,7 @@ from orchestrator.checkpoint.state import (
     update_checkpoint_state,
 )
 from orchestrator.checkpoint.storage import Storage
+from orchestrator.checkpoint.structure import STRUCTURE_KEY, read_structure
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.checkpoint.writer import write_checkpoint
 
@@ -56,4 +65,13 @@ __all__ = [
     "latest_checkpoint",
     "update_checkpoint_state",
     "write_checkpoint",
+    "Saver",
+    "RestoreMismatchError",
+    "SaveFailedError",
+    "CheckpointManager",
+    "CheckpointInfo",
+    "list_checkpoints",
+    "STRUCTURE_KEY",
+    "read_structure",
+    "export_safetensors",
 ]

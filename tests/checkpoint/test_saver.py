@@ -1,0 +1,215 @@
+"""Saver: TF1 ``tf.train.Saver`` semantics on real files (local, memory, S3)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from orchestrator.checkpoint import reader, state
+from orchestrator.checkpoint.errors import CheckpointNotFoundError
+from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
+from orchestrator.checkpoint.variables import Variable
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mlp_variables(layers: int, width: int = 4, seed: int = 0) -> list[Variable]:
+    """TF-named dense layers: dense/kernel, dense/bias, dense_1/kernel, ..."""
+    rng = np.random.default_rng(seed)
+    variables = []
+    for i in range(layers):
+        scope = "dense" if i == 0 else f"dense_{i}"
+        variables.append(Variable(f"{scope}/kernel", rng.standard_normal((width, width)).astype(np.float32)))
+        variables.append(Variable(f"{scope}/bias", rng.standard_normal(width).astype(np.float32)))
+    return variables
+
+
+def snapshot(variables):
+    return {v.name: v.numpy().copy() for v in variables}
+
+
+def test_list_var_list_saves_under_variable_names(tmp_path):
+    v1 = Variable("variable_1", np.array(1.0, np.float32))
+    v2 = Variable("variable_2", np.array(2.0, np.float32))
+    prefix = Saver([v1, v2]).save(str(tmp_path / "model.ckpt"))
+    ckpt = reader.CheckpointReader(prefix)
+    assert ckpt.keys() == ["variable_1", "variable_2"]
+    assert ckpt.get_tensor("variable_1") == 1.0 and ckpt.get_tensor("variable_2") == 2.0
+
+
+def test_dict_var_list_saves_under_keys(tmp_path):
+    w = Variable("dense/kernel", np.arange(6, dtype=np.float64).reshape(2, 3))
+    prefix = Saver({"renamed/w": w}).save(str(tmp_path / "model.ckpt"))
+    ckpt = reader.CheckpointReader(prefix)
+    assert ckpt.keys() == ["renamed/w"]
+    np.testing.assert_array_equal(ckpt.get_tensor("renamed/w"), w.numpy())
+
+
+def test_swapped_dict_restores_two_point_oh_one_point_oh(tmp_path):
+    v1 = Variable("variable_1", np.array(1.0, np.float32))
+    v2 = Variable("variable_2", np.array(2.0, np.float32))
+    prefix = Saver([v1, v2]).save(str(tmp_path / "model.ckpt"))
+    Saver({"variable_1": v2, "variable_2": v1}).restore(prefix)
+    assert f"{float(v1.numpy())} {float(v2.numpy())}" == "2.0 1.0"
+
+
+def test_subset_restore_leaves_other_variables_as_initialized(tmp_path):
+    saved = mlp_variables(2, seed=1)
+    prefix = Saver(saved).save(str(tmp_path / "model.ckpt"))
+    fresh = mlp_variables(2, seed=2)
+    before = snapshot(fresh)
+    Saver([fresh[0]]).restore(prefix)  # dense/kernel only
+    np.testing.assert_array_equal(fresh[0].numpy(), saved[0].numpy())
+    for var in fresh[1:]:
+        np.testing.assert_array_equal(var.numpy(), before[var.name])
+
+
+def test_warm_start_six_layers_from_five_layer_checkpoint(tmp_path):
+    five = mlp_variables(5, seed=1)
+    prefix = Saver(five).save(str(tmp_path / "five.ckpt"))
+    six = mlp_variables(6, seed=2)
+    init_last = snapshot(six[10:])
+    Saver(six[:10]).restore(prefix)
+    for old, new in zip(five, six[:10]):
+        assert old.name == new.name
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
+    for var in six[10:]:
+        np.testing.assert_array_equal(var.numpy(), init_last[var.name])
+
+
+def test_restoring_all_six_layers_fails_naming_missing_ones_and_assigns_nothing(tmp_path):
+    prefix = Saver(mlp_variables(5, seed=1)).save(str(tmp_path / "five.ckpt"))
+    six = mlp_variables(6, seed=2)
+    before = snapshot(six)
+    with pytest.raises(RestoreMismatchError) as info:
+        Saver(six).restore(prefix)
+    message = str(info.value)
+    assert "'dense_5/kernel'" in message and "'dense_5/bias'" in message
+    assert "close matches: 'dense_4/kernel'" in message or "'dense_4/kernel'" in message
+    assert prefix in message
+    for var in six:
+        np.testing.assert_array_equal(var.numpy(), before[var.name])
+
+
+def test_mismatch_error_lists_every_shape_and_dtype_problem_before_assigning(tmp_path):
+    saved = [Variable("dense/kernel", np.zeros((3, 4), np.float32)), Variable("dense/bias", np.zeros(4, np.float32)),
+             Variable("step", np.zeros(2, np.int64))]
+    prefix = Saver(saved).save(str(tmp_path / "m.ckpt"))
+    targets = [Variable("dense/kernel", np.ones((4, 4), np.float32)), Variable("dense/bias", np.ones(4, np.float64)),
+               Variable("step", np.ones(2, np.int64)), Variable("dense/kernels", np.ones(2, np.float32))]
+    with pytest.raises(RestoreMismatchError) as info:
+        Saver(targets).restore(prefix)
+    message = str(info.value)
+    assert "3 variable(s)" in message
+    assert "'dense/kernel': checkpoint (3, 4) vs variable 'dense/kernel' (4, 4)" in message
+    assert "'dense/bias': checkpoint float32 vs variable 'dense/bias' float64" in message
+    assert "missing in checkpoint: 'dense/kernels'" in message
+    assert "close matches: 'dense/kernel' (3, 4)" in message
+    assert all(np.all(v.numpy() == 1) for v in targets)  # 'step' matched but was not assigned either
+
+
+def test_global_step_suffix_int_and_variable(tmp_path):
+    var = Variable("x", np.arange(3, dtype=np.int32))
+    saver = Saver([var])
+    prefix = saver.save(str(tmp_path / "model.ckpt"), global_step=1000)
+    assert prefix == str(tmp_path / "model.ckpt-1000")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "model.ckpt-1000.data-00000-of-00001",
+                                            "model.ckpt-1000.index"]
+    step = Variable("global_step", np.array(2000, np.int64), trainable=False)
+    assert saver.save(str(tmp_path / "model.ckpt"), global_step=step).endswith("model.ckpt-2000")
+    assert state.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model.ckpt-2000")
+
+
+def test_var_list_none_and_duplicates_are_rejected():
+    with pytest.raises(ValueError, match="var_list"):
+        Saver()
+    with pytest.raises(ValueError, match="same key 'a'"):
+        Saver([Variable("a", np.zeros(1)), Variable("a", np.ones(1))])
+    with pytest.raises(TypeError, match="expected a Variable"):
+        Saver({"a": np.zeros(1)})
+
+
+def test_max_to_keep_five_leaves_the_five_newest(tmp_path):
+    var = Variable("x", np.zeros(2, np.float32))
+    saver = Saver([var], max_to_keep=5)
+    for step in range(1, 9):
+        var.assign(np.full(2, step, np.float32))
+        saver.save(str(tmp_path / "model.ckpt"), global_step=step)
+    indexes = sorted(f for f in os.listdir(tmp_path) if f.endswith(".index"))
+    assert indexes == [f"model.ckpt-{s}.index" for s in range(4, 9)]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(("model.ckpt-1.", "model.ckpt-2."))]
+    current = state.get_checkpoint_state(str(tmp_path))
+    assert current.all_model_checkpoint_paths == [str(tmp_path / f"model.ckpt-{s}") for s in range(4, 9)]
+    assert saver.last_checkpoints == current.all_model_checkpoint_paths
+
+
+def test_keep_every_n_hours_preserves_checkpoints_forever(tmp_path):
+    clock = Clock(0.0)
+    var = Variable("x", np.zeros(1, np.float32))
+    saver = Saver([var], max_to_keep=2, keep_checkpoint_every_n_hours=1.0, clock=clock)
+    for step in range(10):  # one save every 30 minutes
+        clock.now = step * 1800.0
+        saver.save(str(tmp_path / "model.ckpt"), global_step=step)
+    steps = sorted(int(f.split("-")[1].split(".")[0]) for f in os.listdir(tmp_path) if f.endswith(".index"))
+    # the 2 newest, plus the expired ones saved after each next_checkpoint_time (1 h, 2 h, 3 h)
+    assert steps == [3, 5, 7, 8, 9]
+    assert len(saver.last_checkpoints) == 2
+
+
+def test_sharded_save_round_trips_every_value(tmp_path):
+    variables = mlp_variables(3, width=8, seed=3)
+    prefix = Saver(variables, num_shards=3).save(str(tmp_path / "model.ckpt"), global_step=7)
+    data = sorted(f for f in os.listdir(tmp_path) if ".data-" in f)
+    assert data == [f"model.ckpt-7.data-0000{i}-of-00003" for i in range(3)]
+    fresh = mlp_variables(3, width=8, seed=4)
+    Saver(fresh).restore(prefix)
+    for old, new in zip(variables, fresh):
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
+
+
+def test_restore_of_missing_checkpoint_names_the_prefix(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="nothing-here"):
+        Saver([Variable("x", np.zeros(1))]).restore(str(tmp_path / "nothing-here"))
+
+
+def test_save_and_restore_on_every_backend(any_root):
+    root, options = any_root
+    variables = mlp_variables(2, seed=5)
+    saver = Saver(variables, storage_options=options, num_shards=2)
+    prefix = saver.save(root + "/model.ckpt", global_step=3)
+    assert state.latest_checkpoint(root, storage_options=options) == prefix
+    fresh = mlp_variables(2, seed=6)
+    Saver(fresh, storage_options=options).restore(prefix)
+    for old, new in zip(variables, fresh):
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
+
+
+def test_recover_last_checkpoints_after_restart_resumes_retention(tmp_path):
+    var = Variable("x", np.zeros(1, np.float32))
+    first = Saver([var], max_to_keep=3)
+    for step in range(3):
+        first.save(str(tmp_path / "model.ckpt"), global_step=step)
+    second = Saver([var], max_to_keep=3)  # a new process forgets; TF's recover_last_checkpoints
+    second.recover_last_checkpoints(state.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths)
+    second.save(str(tmp_path / "model.ckpt"), global_step=3)
+    steps = sorted(f.split(".index")[0] for f in os.listdir(tmp_path) if f.endswith(".index"))
+    assert steps == ["model.ckpt-1", "model.ckpt-2", "model.ckpt-3"]
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_state_file_paths_relative_or_absolute(tmp_path, relative):
+    saver = Saver([Variable("x", np.zeros(1))], save_relative_paths=relative)
+    prefix = saver.save(str(tmp_path / "model.ckpt"), global_step=5)
+    text = (tmp_path / "checkpoint").read_text()
+    written = "model.ckpt-5" if relative else prefix
+    assert f'model_checkpoint_path: "{written}"' in text
+    assert "all_model_checkpoint_timestamps" not in text  # the TF1 Saver writes none
+    assert state.latest_checkpoint(str(tmp_path)) == prefix
