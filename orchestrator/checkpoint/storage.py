@@ -165,6 +165,7 @@ class Storage:
             f.close()
             if target != path:
                 self.rename(target, path)
+                self.sync_dir(parent)  # the new name itself must survive a power loss
         except BaseException:
             self._discard(f, stripped if target != path else None)
             raise

@@ -1,0 +1,240 @@
+"""Datasets and the deterministic sampler.
+
+    load_dataset("digits" | "mnist" | "synthetic", path=None, storage_options=None, **opts) -> Dataset
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 images, no download), pixels
+  scaled to [0, 1], input_dim 64; a fixed split (``test_fraction`` 0.2 by default,
+  permutation seeded by ``split_seed`` 0).
+- ``mnist``: the four IDX files (``train-images-idx3-ubyte`` ... ``t10k-labels-idx1-ubyte``,
+  raw or ``.gz``) in the directory or URL ``path``, read through ``Storage`` (fsspec).
+- ``synthetic``: ``num_examples``/``num_test`` examples of ``input_dim`` uniform
+  features labelled by a random linear teacher: learnable, any size, a function of ``seed``.
+
+``Sampler(num_examples, global_batch_size, seed)``: the order of examples in epoch
+``e`` is the permutation drawn by ``Generator(Philox(SeedSequence([seed, e])))``.
+Batches have constant size and run on into the next epoch. The position
+``{"epoch", "index"}`` (``state()``/``set_state()``) is what a checkpoint stores to
+resume exactly. ``split(indices, rank, world_size)`` cuts a global batch
+contiguously by rank (the first ``len % world_size`` ranks get one more) and returns
+the rank's indices and their offset in the global batch (the dropout example offset).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from orchestrator.checkpoint.storage import Storage
+
+DATASETS = ("digits", "mnist", "synthetic")
+MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+DATASET_OPTIONS = {
+    "digits": ("test_fraction", "split_seed"),
+    "mnist": (),
+    "synthetic": ("num_examples", "input_dim", "num_classes", "num_test", "seed"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be loaded; the message names the file or option at fault."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features float32 [N, D] in [0, 1] and labels int64 [N]."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_y.max(), self.test_y.max())) + 1
+
+
+def load_dataset(name: str, path: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None, **opts: Any) -> Dataset:
+    """Load dataset ``name`` (see the module docstring for each one's options)."""
+    if name not in DATASETS:
+        raise DatasetError(f"dataset must be one of {DATASETS}, got {name!r}")
+    unknown = sorted(set(opts) - set(DATASET_OPTIONS[name]))
+    if unknown:
+        raise DatasetError(f"dataset {name!r} does not take option(s) {unknown}; "
+                           f"it takes {list(DATASET_OPTIONS[name])}")
+    if name == "digits":
+        return load_digits(**opts)
+    if name == "synthetic":
+        return make_synthetic(**opts)
+    if path is None:
+        raise DatasetError("dataset 'mnist' needs a path (directory or URL holding the IDX files)")
+    return load_mnist(path, storage_options)
+
+
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's digits with a fixed, seeded, stratified train/test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = (bunch.data / 16.0).astype(np.float32)                      # [1797, 64]
+    y = bunch.target.astype(np.int64)
+    test = stratified_test_indices(y, test_fraction, split_seed)
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return Dataset(x[train], y[train], x[test], y[test])
+
+
+def stratified_test_indices(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a test set holding ``test_fraction`` of every class."""
+    if not 0.0 < test_fraction < 1.0:
+        raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    generator = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed])))
+    picked = []
+    for label in np.unique(labels):
+        members = generator.permutation(np.flatnonzero(labels == label))
+        picked.append(members[:int(round(len(members) * test_fraction))])
+    return np.sort(np.concatenate(picked))
+
+
+def make_synthetic(num_examples: int = 10000, input_dim: int = 784, num_classes: int = 10,
+                   num_test: int | None = None, seed: int = 0) -> Dataset:
+    """Uniform features labelled by argmax of a random linear teacher."""
+    if num_examples < 1 or input_dim < 1 or num_classes < 2:
+        raise DatasetError(f"synthetic: need num_examples >= 1, input_dim >= 1, num_classes >= 2; "
+                           f"got {num_examples}, {input_dim}, {num_classes}")
+    num_test = max(1, num_examples // 5) if num_test is None else num_test
+    generator = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, 0x5EED])))
+    teacher = generator.standard_normal((input_dim, num_classes)).astype(np.float32)
+    x = generator.random((num_examples + num_test, input_dim), dtype=np.float32)
+    y = np.argmax((x - 0.5) @ teacher, axis=1).astype(np.int64)
+    return Dataset(x[:num_examples], y[:num_examples], x[num_examples:], y[num_examples:])
+
+
+# --------------------------------------------------------------------------- MNIST IDX
+def load_mnist(path: str, storage_options: Mapping[str, Any] | None = None) -> Dataset:
+    """The four MNIST IDX files under ``path`` (local directory or fsspec URL)."""
+    storage, root = Storage.for_path(path, storage_options)
+    arrays = {key: read_idx(storage, _find_idx(storage, root, stem)) for key, stem in MNIST_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
+            raise DatasetError(f"mnist at {path}: {split} has {len(arrays[f'{split}_x'])} images "
+                               f"but {len(arrays[f'{split}_y'])} labels")
+    return Dataset(_images(arrays["train_x"]), arrays["train_y"].astype(np.int64),
+                   _images(arrays["test_x"]), arrays["test_y"].astype(np.int64))
+
+
+def _find_idx(storage: Storage, root: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        candidate = Storage.join(root, name)
+        if storage.exists(candidate):
+            return candidate
+    raise DatasetError(f"mnist: neither {stem} nor {stem}.gz found in {root}")
+
+
+def _images(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> float32 [N, 784] in [0, 1]."""
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    flat /= 255.0
+    return flat
+
+
+def read_idx(storage: Storage, path: str) -> np.ndarray:
+    """Parse one IDX file (gzip-compressed when it starts with the gzip magic)."""
+    data = storage.read_bytes(path)
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DatasetError(f"{path}: corrupt gzip stream: {exc}") from exc
+    return parse_idx(data, path)
+
+
+def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
+    """IDX: 2 zero bytes, a dtype code, the number of dims, big-endian uint32 dims, then the data."""
+    if len(data) < 4 or data[:2] != b"\x00\x00":
+        raise DatasetError(f"{path}: not an IDX file (bad magic {data[:4].hex()})")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX data type code 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DatasetError(f"{path}: IDX shape {shape} needs {expected} data bytes, file has {len(data) - header}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+# --------------------------------------------------------------------------- sampler
+class Sampler:
+    """Deterministic global batches; position (epoch, index) is checkpointable state."""
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+        if num_examples < 1 or global_batch_size < 1:
+            raise ValueError(f"need num_examples >= 1 and global_batch_size >= 1, "
+                             f"got {num_examples} and {global_batch_size}")
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of example indices for ``epoch``."""
+        if self._order_epoch != epoch:
+            generator = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch])))
+            self._order = generator.permutation(self.num_examples)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> np.ndarray:
+        """The next ``global_batch_size`` example indices (int64), advancing the position."""
+        parts, needed = [], self.global_batch_size
+        while needed:
+            take = min(needed, self.num_examples - self.index)
+            parts.append(self.order(self.epoch)[self.index:self.index + take])
+            self.index += take
+            needed -= take
+            if self.index == self.num_examples:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.concatenate(parts).astype(np.int64)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < self.num_examples:
+            raise ValueError(f"sampler state {dict(state)} out of range for {self.num_examples} examples")
+        self.epoch, self.index = epoch, index
+
+    @staticmethod
+    def split(indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+        """(this rank's contiguous part of the global batch, its offset in the batch)."""
+        return split_batch(indices, rank, world_size)
+
+
+def split_batch(indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+    """Contiguous split by rank; the first ``len(indices) % world_size`` ranks get one extra."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    base, extra = divmod(len(indices), world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return indices[start:stop], start

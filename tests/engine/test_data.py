@@ -1,0 +1,161 @@
+"""Datasets (digits, MNIST IDX through fsspec, synthetic) and the deterministic sampler."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.engine.data import (MNIST_FILES, DatasetError, Sampler, load_dataset, parse_idx,
+                                      split_batch)
+
+
+# ------------------------------------------------------------------ digits / synthetic
+def test_digits_is_scaled_split_and_stratified():
+    ds = load_dataset("digits")
+    assert ds.train_x.dtype == np.float32 and ds.train_y.dtype == np.int64
+    assert ds.train_x.shape == (1438, 64) and ds.test_x.shape == (359, 64) and ds.input_dim == 64
+    assert 0.0 <= ds.train_x.min() and ds.train_x.max() == 1.0
+    assert np.bincount(ds.test_y).min() >= 35                      # every class ~20% in test
+    again = load_dataset("digits")
+    np.testing.assert_array_equal(ds.test_x, again.test_x)
+    rows = {r.tobytes() for r in ds.train_x}
+    assert sum(r.tobytes() in rows for r in ds.test_x) < 5         # (digits has a few duplicate images)
+
+
+def test_synthetic_is_deterministic_and_sized():
+    a = load_dataset("synthetic", num_examples=300, input_dim=12, num_classes=4, seed=5)
+    b = load_dataset("synthetic", num_examples=300, input_dim=12, num_classes=4, seed=5)
+    c = load_dataset("synthetic", num_examples=300, input_dim=12, num_classes=4, seed=6)
+    assert a.train_x.shape == (300, 12) and a.test_x.shape == (60, 12)
+    np.testing.assert_array_equal(a.train_x, b.train_x)
+    np.testing.assert_array_equal(a.train_y, b.train_y)
+    assert not np.array_equal(a.train_x, c.train_x)
+    assert set(np.unique(a.train_y)) == {0, 1, 2, 3}
+
+
+def test_unknown_dataset_and_missing_mnist_path_are_named():
+    with pytest.raises(DatasetError, match="'cifar'"):
+        load_dataset("cifar")
+    with pytest.raises(DatasetError, match="mnist.*path"):
+        load_dataset("mnist")
+    with pytest.raises(DatasetError, match=r"'digits' does not take option\(s\) \['input_dim'\]"):
+        load_dataset("digits", input_dim=64)
+
+
+# ------------------------------------------------------------------ MNIST IDX
+def _idx(array: np.ndarray, code: int) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def _write_mnist(storage: Storage, root: str, compress: bool, rng=np.random.default_rng(0)):
+    arrays = {
+        "train_x": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        "train_y": rng.integers(0, 10, 6).astype(np.uint8),
+        "test_x": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "test_y": rng.integers(0, 10, 3).astype(np.uint8),
+    }
+    storage.makedirs(root)
+    for key, stem in MNIST_FILES.items():
+        data = _idx(arrays[key], 0x08)
+        name = stem + (".gz" if compress else "")
+        storage.write_bytes(Storage.join(root, name), gzip.compress(data) if compress else data)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_mnist_idx_files_load_from_any_filesystem(any_root, compress):
+    root, options = any_root
+    storage, path = Storage.for_path(root, options)
+    path = Storage.join(path, "mnist")
+    arrays = _write_mnist(storage, path, compress)
+    ds = load_dataset("mnist", path=path, storage_options=options)
+    assert ds.train_x.shape == (6, 784) and ds.train_x.dtype == np.float32
+    np.testing.assert_array_equal(ds.train_x, arrays["train_x"].reshape(6, 784) / np.float32(255))
+    np.testing.assert_array_equal(ds.test_y, arrays["test_y"].astype(np.int64))
+    assert ds.train_y.dtype == np.int64
+
+
+def test_idx_parser_reads_big_endian_types():
+    values = np.array([[1, -2], [300, 4]], dtype=">i4")
+    np.testing.assert_array_equal(parse_idx(_idx(values, 0x0C)), [[1, -2], [300, 4]])
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x00", "bad magic"),
+    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "type code 0x07"),
+    (b"\x00\x00\x08\x02\x00\x00\x00\x02", "truncated IDX header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02", "needs 5 data bytes"),
+])
+def test_idx_parser_errors_name_the_file(data, message):
+    with pytest.raises(DatasetError, match=f"train-images.*{message}|{message}") as info:
+        parse_idx(data, "/data/train-images-idx3-ubyte")
+    assert "/data/train-images-idx3-ubyte" in str(info.value)
+
+
+def test_mnist_missing_file_is_named(tmp_path):
+    storage, path = Storage.for_path(str(tmp_path))
+    _write_mnist(storage, path, compress=False)
+    storage.rm(Storage.join(path, "t10k-labels-idx1-ubyte"))
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", path=path)
+
+
+def test_mnist_corrupt_gzip_is_named(tmp_path):
+    storage, path = Storage.for_path(str(tmp_path))
+    _write_mnist(storage, path, compress=True)
+    target = Storage.join(path, "train-labels-idx1-ubyte.gz")
+    storage.write_bytes(target, storage.read_bytes(target)[:12])
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", path=path)
+
+
+# ------------------------------------------------------------------ sampler
+def test_each_epoch_is_a_permutation_determined_by_seed_and_epoch():
+    sampler = Sampler(10, 5, seed=3)
+    epoch0 = np.concatenate([sampler.next_batch(), sampler.next_batch()])
+    epoch1 = np.concatenate([sampler.next_batch(), sampler.next_batch()])
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
+    assert not np.array_equal(epoch0, epoch1)
+    np.testing.assert_array_equal(epoch1, Sampler(10, 5, seed=3).order(1))
+    assert not np.array_equal(epoch0, Sampler(10, 5, seed=4).order(0))
+
+
+def test_batches_run_on_into_the_next_epoch():
+    sampler = Sampler(7, 5, seed=0)
+    first, second = sampler.next_batch(), sampler.next_batch()
+    assert len(second) == 5 and sampler.state() == {"epoch": 1, "index": 3}
+    np.testing.assert_array_equal(second, np.concatenate([sampler.order(0)[5:], sampler.order(1)[:3]]))
+    assert len(first) == 5
+
+
+def test_restored_state_continues_exactly():
+    reference = Sampler(23, 4, seed=9)
+    batches = [reference.next_batch() for _ in range(12)]
+    resumed = Sampler(23, 4, seed=9)
+    probe = Sampler(23, 4, seed=9)
+    for _ in range(7):
+        probe.next_batch()
+    resumed.set_state(dict(probe.state()))
+    for expected in batches[7:]:
+        np.testing.assert_array_equal(resumed.next_batch(), expected)
+
+
+def test_set_state_rejects_out_of_range_positions():
+    with pytest.raises(ValueError, match="out of range"):
+        Sampler(10, 2, seed=0).set_state({"epoch": 0, "index": 10})
+
+
+@pytest.mark.parametrize("size, world_size", [(12, 3), (10, 4), (3, 5), (128, 7)])
+def test_split_is_contiguous_balanced_and_complete(size, world_size):
+    indices = np.arange(100, 100 + size)
+    parts = [split_batch(indices, rank, world_size) for rank in range(world_size)]
+    np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), indices)
+    assert [offset for _, offset in parts] == list(np.cumsum([0] + [len(p) for p, _ in parts])[:-1])
+    sizes = [len(p) for p, _ in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert Sampler.split(indices, world_size - 1, world_size)[1] == parts[-1][1]
