@@ -2,25 +2,54 @@
 
 TF never stores a raw CRC: ``mask`` rotates and offsets it so that a CRC computed over
 bytes that themselves contain CRCs stays well distributed (reference section 2).
+
+Big buffers are checksummed by the native ``crc32c_extend`` of the libcrc32c that the
+google-crc32c wheel bundles, called through ctypes: ctypes releases the GIL during the
+call, so a reader's or writer's I/O thread keeps running while the CRC does (the
+google_crc32c extension holds the GIL for numpy buffers). The library is found and
+checked on a known vector at import; if anything is off, google_crc32c does all the work.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import logging
+import os
+from typing import Callable, Iterable, Optional
 
 import google_crc32c
 import numpy as np
 
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
+CHECK_VECTOR = (b"123456789", 0xE3069283)  # the CRC-32C catalogue's check value
+NATIVE_MIN_BYTES = 64 * 1024  # below this the ctypes call costs more than the GIL it frees
+
+_log = logging.getLogger(__name__)
+
+NativeExtend = Callable[[int, int, int], int]  # (crc, address, nbytes) -> crc
 
 
 def crc32c(data) -> int:
     """CRC32C of a bytes-like object (any buffer: bytes, memoryview, numpy array)."""
-    return google_crc32c.value(_as_bytes_like(data))
+    return extend(0, data)
 
 
 def extend(crc: int, data) -> int:
     """Continue the running CRC ``crc`` over more bytes."""
-    return google_crc32c.extend(crc, _as_bytes_like(data))
+    if isinstance(data, bytes) and len(data) < NATIVE_MIN_BYTES:
+        return google_crc32c.extend(crc, data)  # the common small case, no view needed
+    view = _as_uint8(data)
+    if _native_extend is not None and view.nbytes >= NATIVE_MIN_BYTES:
+        return _native_extend(crc, view.ctypes.data, view.nbytes)  # `view` keeps the buffer alive
+    return google_crc32c.extend(crc, view)
+
+
+def releases_gil() -> bool:
+    """True when big buffers are checksummed without holding the GIL (native library found)."""
+    return _native_extend is not None
 
 
 def mask(crc: int) -> int:
@@ -37,14 +66,50 @@ def masked_crc32c(data) -> int:
     return mask(crc32c(data))
 
 
-def _as_bytes_like(data):
-    """A zero-copy view google_crc32c accepts.
-
-    Its C extension only takes buffers that need no release (bytes, numpy arrays), not
-    memoryview or bytearray, so other buffers are wrapped in a uint8 numpy view.
-    """
-    if isinstance(data, bytes):
-        return data
+def _as_uint8(data) -> np.ndarray:
+    """A flat uint8 view of the bytes, zero-copy except for non-contiguous arrays (C order)."""
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     return np.frombuffer(data, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- native library
+def library_candidates() -> list[str]:
+    """Where libcrc32c may be: bundled next to the google_crc32c package, then the system's."""
+    package_dir = os.path.dirname(os.path.abspath(google_crc32c.__file__))
+    bundled = sorted(glob.glob(os.path.join(package_dir + ".libs", "libcrc32c*.so*")))
+    system = ctypes.util.find_library("crc32c")
+    return bundled + ([system] if system else [])
+
+
+def load_native(candidates: Iterable[str]) -> Optional[NativeExtend]:
+    """The first candidate's ``crc32c_extend`` that gives the check value, else None."""
+    for path in candidates:
+        try:
+            function = _bind(path)
+            if _native_matches_check_vector(function):
+                _log.debug("crc32c: native crc32c_extend from %s (releases the GIL)", path)
+                return function
+            _log.debug("crc32c: %s gives a wrong check value; not used", path)
+        except (OSError, AttributeError, ValueError) as exc:
+            _log.debug("crc32c: cannot use %s: %s", path, exc)
+    _log.debug("crc32c: no native library; google_crc32c computes every CRC")
+    return None
+
+
+def _bind(path: str) -> NativeExtend:
+    function = ctypes.CDLL(path).crc32c_extend
+    function.argtypes = (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t)
+    function.restype = ctypes.c_uint32
+    return function
+
+
+def _native_matches_check_vector(function: NativeExtend) -> bool:
+    data, expected = CHECK_VECTOR
+    buf = np.frombuffer(data, dtype=np.uint8)
+    whole = function(0, buf.ctypes.data, buf.nbytes)
+    split = function(function(0, buf.ctypes.data, 4), buf[4:].ctypes.data, buf.nbytes - 4)
+    return whole == expected and split == expected and function(0, buf.ctypes.data, 0) == 0
+
+
+_native_extend: Optional[NativeExtend] = load_native(library_candidates())

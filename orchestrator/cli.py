@@ -1,0 +1,329 @@
+"""``orchestrator``: train, validate, inspect, ls and export from the command line.
+
+Exit codes (``orchestrator.exit_codes``): 0 done, 1 failed, 2 bad input (config, usage,
+a path that does not exist), 3 preempted with an emergency checkpoint saved.
+
+Heavy imports (Ray, the runtime, the checkpoint reader) happen inside the command that
+needs them, so ``validate`` and ``--help`` are instant and a bad config starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from orchestrator import __version__
+from orchestrator.config import ConfigError, JobConfig, dump_config, load_config, parse_options, redact
+from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+
+logger = logging.getLogger("orchestrator")
+
+CONFIG_DUMP = "config.yaml"
+LOG_FILE = "train.log"
+
+
+class _BadInput(Exception):
+    """A usage problem found after parsing (exit 2)."""
+
+
+# ---------------------------------------------------------------------------- helpers
+def _error(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr)
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    return parse_options(args.storage_option or []) or None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _describe_job(cfg: JobConfig) -> str:
+    model = cfg.model.kind.value
+    if cfg.model.kind.value == "mlp":
+        model += " " + "-".join(str(h) for h in cfg.model.hidden)
+    workers = str(cfg.workers.min) if cfg.workers.min == cfg.workers.max else f"{cfg.workers.min}-{cfg.workers.max}"
+    return (f"{cfg.name}: {model} on {cfg.data.dataset.value}, {workers} worker(s), {cfg.train.steps} steps, "
+            f"device {cfg.device.value}, checkpoints -> {cfg.checkpoint.dir}")
+
+
+# ---------------------------------------------------------------------------- validate / train
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set or [])
+    print(f"OK: {_describe_job(cfg)}")
+    if args.show:
+        print(dump_config(cfg), end="")
+    return EXIT_OK
+
+
+class _RedactFilter(logging.Filter):
+    """Removes env-resolved secret values from every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+class _BriefFormatter(logging.Formatter):
+    """Console lines without tracebacks (they go to train.log); leaves the record intact."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(cfg: JobConfig) -> list[logging.Handler]:
+    """Log to ``<run_dir>/train.log`` (everything) and stderr (brief), both redacted.
+
+    Under a live progress line, stderr only gets warnings and errors: INFO lines would
+    tear the line apart; they are all in train.log.
+    """
+    level = getattr(logging, cfg.logging.level.value.upper())
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(max(level, logging.WARNING) if _live_progress(cfg) else level)
+    console.setFormatter(logging.Formatter(_LOG_FORMAT) if level <= logging.DEBUG else _BriefFormatter(_LOG_FORMAT))
+    logfile = logging.FileHandler(os.path.join(cfg.run_dir, LOG_FILE))
+    logfile.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root = logging.getLogger()
+    for handler in (console, logfile):
+        handler.addFilter(_RedactFilter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    return [console, logfile]
+
+
+def _live_progress(cfg: JobConfig) -> bool:
+    mode = cfg.logging.progress.value
+    return mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+
+
+def _prepare_run_dir(cfg: JobConfig) -> None:
+    """Create the run dir and record the config (secrets as their ${VAR} references)."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, CONFIG_DUMP), "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set or [])
+    _prepare_run_dir(cfg)
+    handlers = _setup_logging(cfg)
+    try:
+        return _run(cfg)
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: JobConfig) -> int:
+    from orchestrator.cluster.job import run_job
+    from orchestrator.monitor.reporter import Reporter
+
+    logger.info("starting %s", _describe_job(cfg))
+    reporter = Reporter.from_config(cfg)
+    try:
+        result = run_job(cfg, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.close(status="interrupted")
+        _error("interrupted")
+        return EXIT_FAILURE
+    except Exception as exc:  # the run failed: report it, then exit 1
+        logger.exception("job %s failed", cfg.name)
+        reporter.close(status="failed")
+        log_path = os.path.join(cfg.run_dir, LOG_FILE)
+        _error(f"job {cfg.name} failed: {type(exc).__name__}: {exc} (traceback in {log_path})")
+        return EXIT_FAILURE
+    reporter.close(result)
+    if result.preempted:
+        saved = f"checkpoint {result.last_checkpoint} saved" if result.last_checkpoint else "no checkpoint yet"
+        logger.warning("preempted (%s): run the same command to resume", saved)
+        return EXIT_PREEMPTED
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from orchestrator.checkpoint import inspect as ckpt_inspect
+
+    if args.json and (args.tensor or args.all_tensors):
+        raise _BadInput("--json lists the tensors; it cannot be combined with --tensor or --all-tensors")
+    options = _storage_options(args)
+    rows = ckpt_inspect.describe(args.path, storage_options=options)
+    if args.json:
+        print(ckpt_inspect.to_json(rows))
+        return EXIT_OK
+    print(ckpt_inspect.format_table(rows))
+    names = [r.name for r in rows] if args.all_tensors else (args.tensor or [])
+    if names:
+        _print_tensors(args.path, names, options, ckpt_inspect.format_tensor)
+    return EXIT_OK
+
+
+def _print_tensors(path: str, names: Sequence[str], options, format_tensor: Callable) -> None:
+    from orchestrator.checkpoint.reader import load_checkpoint
+
+    reader = load_checkpoint(path, storage_options=options)
+    for name in names:
+        print()
+        print(format_tensor(name, reader.get_tensor(name)))
+
+
+# ---------------------------------------------------------------------------- ls
+LS_COLUMNS = ("STEP", "TIME (UTC)", "SIZE", "SHARDS", "KEPT BECAUSE", "PREFIX")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from orchestrator.checkpoint.manager import list_checkpoints
+
+    infos = list_checkpoints(args.dir, storage_options=_storage_options(args))
+    if args.json:
+        print(json.dumps([_info_dict(i) for i in infos], indent=2))
+    elif not infos:
+        print(f"no committed checkpoints in {args.dir}")
+    else:
+        print(format_checkpoint_table(infos))
+    return EXIT_OK
+
+
+def _iso_time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _info_dict(info: Any) -> dict:
+    return {"step": info.step, "prefix": info.prefix, "timestamp": info.timestamp,
+            "time_utc": _iso_time(info.timestamp), "size_bytes": info.size_bytes,
+            "num_shards": info.num_shards, "reasons": list(info.reasons)}
+
+
+def format_checkpoint_table(infos: Sequence[Any]) -> str:
+    """The ``ls`` table: one row per committed checkpoint, oldest first."""
+    rows = [(str(i.step), _iso_time(i.timestamp), _human_bytes(i.size_bytes), str(i.num_shards),
+             ", ".join(i.reasons) or "-", os.path.basename(i.prefix)) for i in infos]
+    widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(LS_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.checkpoint.export import export_safetensors
+
+    options = _storage_options(args)
+    prefix = _resolve_prefix(args.path, options)
+    out = args.output or os.path.basename(prefix) + ".safetensors"
+    export_safetensors(prefix, out, storage_options=options)
+    print(f"wrote {out} ({_human_bytes(os.path.getsize(out))}) from {prefix}")
+    return EXIT_OK
+
+
+def _resolve_prefix(path: str, options) -> str:
+    """A checkpoint prefix as given, or the latest committed checkpoint of a directory."""
+    from orchestrator.checkpoint.state import latest_checkpoint
+    from orchestrator.checkpoint.storage import Storage
+
+    storage, full = Storage.for_path(path, options)
+    if not storage.isdir(full):
+        return path
+    latest = latest_checkpoint(path, storage_options=options)
+    if latest is None:
+        raise _BadInput(f"no committed checkpoint in directory {path}")
+    return latest
+
+
+# ---------------------------------------------------------------------------- parser
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="job config YAML file (see docs/config.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=500 (repeatable; YAML scalar rules)")
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for remote paths, e.g. client_kwargs.endpoint_url=http://... "
+                        "(repeatable; values may be ${VAR} references)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Distributed training on Ray with TensorFlow-compatible sharded checkpoints.",
+        epilog="exit codes: 0 done, 1 failed, 2 bad input, 3 preempted (checkpoint saved; rerun to resume)")
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="run a training job from a YAML config",
+                       description="Train: validate the config, then run the job on Ray (resuming per `resume`).")
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config without running anything",
+                       description="Check a config (types, ranges, required keys) and print OK or one error.")
+    _add_config_args(p)
+    p.add_argument("--show", action="store_true", help="also print the full config with defaults filled in")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("inspect", help="list the tensors of a checkpoint",
+                       description="List a checkpoint's tensors (name, dtype, shape, size, shard).")
+    p.add_argument("path", help="checkpoint prefix (…/model.ckpt-300) or checkpoint directory")
+    p.add_argument("--tensor", action="append", metavar="NAME",
+                   help="also print this tensor's values (repeatable; arrays over 1000 elements are summarized)")
+    p.add_argument("--all-tensors", action="store_true", help="also print every tensor's values")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+    _add_storage_args(p)
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("ls", help="list the checkpoints in a directory",
+                       description="Table of committed checkpoints: step, time, size, shards, why kept.")
+    p.add_argument("dir", help="checkpoint directory (local path or URL)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_storage_args(p)
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("export", help="export model parameters to another format",
+                       description="Export a checkpoint's model parameters (no optimizer slots).")
+    p.add_argument("path", help="checkpoint prefix, or a directory (its latest checkpoint)")
+    p.add_argument("--format", required=True, choices=["safetensors"], help="output format")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: <prefix name>.safetensors)")
+    _add_storage_args(p)
+    p.set_defaults(handler=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, _BadInput) as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # any other failure: one line, exit 1
+        _error(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

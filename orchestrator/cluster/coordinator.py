@@ -1,0 +1,452 @@
+"""The coordinator: starts and watches the workers, drives steps, and owns the checkpoint directory.
+
+It is a steppable state machine so the fault-tolerance supervisor can wrap it:
+
+    coord = Coordinator(config, num_workers=M, reporter=r, resume="auto")
+    coord.start()                        # CREATED -> READY: M actors, restore if asked
+    result = coord.run(stop_requested)   # READY -> FINISHED | PREEMPTED (or raises WorkerFailedError)
+    coord.shutdown()                     # -> SHUT_DOWN, idempotent
+
+``step_once()`` runs one global step; policies decide (``SavePolicy``, ``EvalPolicy``),
+the coordinator acts. Only the coordinator commits a checkpoint: it starts each worker's
+shard write, collects every ``ShardResult`` and calls ``CheckpointManager.commit``
+(index, then state file, then retention). A save whose shard failed is dropped as a
+whole: the other shards' data files are removed, the previous checkpoint stays latest,
+training continues. Every wait on a worker has a timeout; a dead, failing or stuck
+worker surfaces as ``WorkerFailedError(rank, cause, step)``, after any in-flight save
+was abandoned (never half-committed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import ray
+import ray.exceptions
+
+from orchestrator.checkpoint import commit as commit_lib
+from orchestrator.checkpoint import state as state_lib
+from orchestrator.checkpoint.errors import CheckpointError
+from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.cluster import recipe
+from orchestrator.cluster.collectives import Collective, make_collective
+from orchestrator.cluster.errors import CheckpointSaveError, RestoreError, WorkerFailedError
+from orchestrator.cluster.shard_save import ShardSaveFailed
+from orchestrator.cluster.worker import remote_worker_class
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_FLOOR_S = 120.0  # actor start includes loading the dataset
+CONTROL_TIMEOUT_S = 60.0       # small control calls (info, abandon)
+
+
+class CoordinatorState(str, enum.Enum):
+    CREATED = "created"
+    READY = "ready"
+    FINISHED = "finished"
+    PREEMPTED = "preempted"
+    FAILED = "failed"
+    SHUT_DOWN = "shut_down"
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a finished (or preempted) job reports to the CLI."""
+
+    steps_completed: int
+    final_metrics: dict[str, float]
+    checkpoints: list[str]
+    failures_recovered: int = 0
+    preempted: bool = False
+    last_checkpoint: str | None = None
+
+
+@dataclasses.dataclass
+class SaveRecord:
+    """One checkpoint attempt, as the coordinator saw it (benchmarks and tests read these)."""
+
+    step: int
+    prefix: str
+    asynchronous: bool
+    stall_s: float           # training blocked: starting + waiting for the snapshot (async), the whole save (sync)
+    total_s: float = 0.0     # start of the save to commit
+    nbytes: int = 0
+    committed: bool = False
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class SavePolicy:
+    """Save every ``every_steps`` steps and/or every ``every_secs`` seconds (0/None = off)."""
+
+    every_steps: int = 0
+    every_secs: float | None = None
+
+    def reason(self, step: int, seconds_since_save: float) -> str | None:
+        if self.every_steps and step % self.every_steps == 0:
+            return f"save_every_steps={self.every_steps}"
+        if self.every_secs and seconds_since_save >= self.every_secs:
+            return f"save_every_secs={self.every_secs}"
+        return None
+
+
+@dataclasses.dataclass
+class EvalPolicy:
+    every_steps: int = 0
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+
+@dataclasses.dataclass
+class _InFlightSave:
+    record: SaveRecord
+    refs: list[Any]          # ObjectRef of each rank's ShardResult, rank order
+    started: float
+    metrics: dict[str, float]
+
+
+class _NullReporter:
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class Coordinator:
+    """Drives M workers through training and checkpointing (see module docstring)."""
+
+    worker_factory: Callable[[], Any] = staticmethod(remote_worker_class)  # test seam
+
+    def __init__(self, config, num_workers: int | None = None, reporter: Any = None,
+                 resume: str | None = None, collective: Collective | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.num_workers = int(num_workers or config.workers.max)
+        self.reporter = reporter or _NullReporter()
+        self.resume = str(resume if resume is not None else config.resume)
+        self.collective = collective or make_collective(self._uses_gpu(), self.num_workers)
+        self.clock = clock
+        self.state = CoordinatorState.CREATED
+        self.workers: list[Any] = []
+        self.worker_info: list[dict] = []
+        self.global_step = 0
+        self.restored_from: str | None = None
+        self.restore_info: list[dict] = []
+        self.saves: list[SaveRecord] = []
+        self.metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self._in_flight: _InFlightSave | None = None
+        self.committed_step: int | None = None
+        self._first_step = 0
+        self._last_save_time = clock()
+        self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
+        self.eval_policy = EvalPolicy(config.train.eval_every_steps)
+        self.manager = self._make_manager()
+
+    # ------------------------------------------------------------------ setup
+    def _uses_gpu(self) -> bool:
+        return recipe.plain(self.config.device) == "gpu"
+
+    def _make_manager(self) -> CheckpointManager:
+        ckpt = self.config.checkpoint
+        return CheckpointManager(
+            ckpt.dir, max_to_keep=ckpt.max_to_keep or None,
+            keep_checkpoint_every_n_hours=ckpt.keep_checkpoint_every_n_hours,
+            best_metric=ckpt.best_metric, best_mode=recipe.plain(ckpt.best_mode), keep_best=ckpt.keep_best,
+            storage_options=dict(ckpt.storage_options or {}), fsync=ckpt.fsync)
+
+    @property
+    def worker_node_ids(self) -> list[str]:
+        return [info["node_id"] for info in self.worker_info]
+
+    @property
+    def step_timeout(self) -> float:
+        return float(self.config.fault_tolerance.step_timeout_s)
+
+    def _actor_options(self) -> dict:
+        res = self.config.resources
+        gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if self._uses_gpu() else 0)
+        return {"num_cpus": res.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0}
+
+    def start(self) -> None:
+        """Create the M actors, restore from a checkpoint when ``resume`` says so."""
+        self._expect(CoordinatorState.CREATED)
+        actor_cls = self.worker_factory()
+        options = self._actor_options()
+        dataset = ray.put(recipe.load_data(self.config))  # loaded once, shared zero-copy by the workers
+        self.workers = [actor_cls.options(**options).remote(self.config, rank, self.num_workers, dataset)
+                        for rank in range(self.num_workers)]
+        timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
+        self.worker_info = self._get_all([w.info.remote() for w in self.workers], timeout, "starting")
+        prefix = self.resume_prefix()
+        if prefix is not None:
+            self._restore(prefix)
+        self.collective.attach(self.workers, timeout)
+        self._first_step = self.global_step
+        self.state = CoordinatorState.READY
+
+    def resume_prefix(self) -> str | None:
+        """The checkpoint to restore from, per ``resume``: auto | never | <prefix or directory>."""
+        if self.resume == "never":
+            return None
+        if self.resume == "auto":
+            return self.manager.latest_checkpoint
+        options = dict(self.config.checkpoint.storage_options or {})
+        storage, path = Storage.for_path(self.resume, options)
+        if storage.exists(commit_lib.index_path(path)):
+            return path
+        latest = state_lib.latest_checkpoint(path, storage_options=options)
+        if latest is None:
+            raise RestoreError(f"resume: no committed checkpoint at {self.resume!r} "
+                               f"(neither {path}.index nor a 'checkpoint' state file)")
+        return latest
+
+    def _restore(self, prefix: str) -> None:
+        timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
+        try:
+            self.restore_info = self._get_all([w.restore.remote(prefix) for w in self.workers], timeout, "restoring")
+        except WorkerFailedError as exc:
+            cause = getattr(exc.__cause__, "cause", None)
+            if isinstance(cause, (RestoreError, CheckpointError)):  # the checkpoint, not the worker, is at fault
+                raise cause from None
+            raise
+        steps = {info["global_step"] for info in self.restore_info}
+        if len(steps) != 1:
+            raise RestoreError(f"{prefix}: workers restored different steps {sorted(steps)}")
+        self.global_step = steps.pop()
+        self.committed_step = self.global_step
+        self.restored_from = prefix
+        log.info("restored %s at step %d into %d workers", prefix, self.global_step, self.num_workers)
+
+    # ------------------------------------------------------------------ running
+    def run(self, stop_requested: Callable[[], bool] = lambda: False) -> JobResult:
+        """Train to ``train.steps``; on ``stop_requested()`` save, commit, and return preempted."""
+        self._expect(CoordinatorState.READY)
+        try:
+            while self.global_step < self.config.train.steps:
+                if stop_requested():
+                    return self._stop(CoordinatorState.PREEMPTED)
+                self.step_once()
+            self._final_eval()
+            return self._stop(CoordinatorState.FINISHED)
+        except BaseException:  # a worker failure, or anything else: never leave a save half-done
+            self.state = CoordinatorState.FAILED
+            self._abandon_in_flight()
+            raise
+
+    def step_once(self) -> dict[str, float]:
+        """One global step on every worker, then the eval/save decisions for the new step."""
+        step, started = self.global_step, self.clock()
+        handles = self.collective.train_step(step)
+        self._wait_refs(handles.pending, step, self.step_timeout, "training")
+        per_rank = self._get_all(handles.metrics, self.step_timeout, "reporting metrics", step)
+        self.global_step = step + 1
+        self.metrics = aggregate_metrics(per_rank, self.clock() - started)
+        self._report_step()
+        self.poll_save()
+        if self.eval_policy.due(self.global_step):
+            self.evaluate()
+        reason = self.save_policy.reason(self.global_step, self.clock() - self._last_save_time)
+        if reason:
+            log.info("saving at step %d (%s)", self.global_step, reason)
+            self.save(synchronous=not self.config.checkpoint.async_save)
+        return self.metrics
+
+    def _report_step(self) -> None:
+        step, every = self.global_step, self.config.train.log_every_steps
+        first = step == self._first_step + 1  # lets a supervisor time its recovery
+        if first or step % every == 0 or step == self.config.train.steps:
+            self.reporter.on_step(step, dict(self.metrics))
+
+    def evaluate(self) -> dict[str, float]:
+        ref = self.collective.evaluate()
+        self.eval_metrics = self._get_all([ref], self.step_timeout, "evaluating")[0]
+        self.reporter.on_eval(self.global_step, {k.removeprefix("eval_"): v for k, v in self.eval_metrics.items()})
+        return self.eval_metrics
+
+    def _final_eval(self) -> None:
+        if not self.eval_policy.due(self.global_step):
+            self.evaluate()
+
+    def _stop(self, final: CoordinatorState) -> JobResult:
+        """Finish the in-flight save, save the current step if it is not committed yet."""
+        self.finish_save()
+        if self.committed_step != self.global_step:
+            self.save(synchronous=True)
+        self.state = final
+        return self.result()
+
+    def result(self) -> JobResult:
+        return JobResult(
+            steps_completed=self.global_step,
+            final_metrics={**self.metrics, **self.eval_metrics},
+            checkpoints=list(self.manager.checkpoints),
+            preempted=self.state == CoordinatorState.PREEMPTED,
+            last_checkpoint=self.manager.latest_checkpoint)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, synchronous: bool) -> SaveRecord:
+        """Start a save of the current step on every worker; commit now if ``synchronous``."""
+        self.finish_save()  # at most one save in flight
+        step, started = self.global_step, self.clock()
+        record = SaveRecord(step, self.manager.prefix_for(step), not synchronous, stall_s=0.0)
+        self.saves.append(record)
+        in_flight = _InFlightSave(record, [], started, {**self.metrics, **self.eval_metrics})
+        self._in_flight = in_flight  # from here on, a failure abandons this save's files
+        starts = [w.start_save.remote(step, record.prefix, not synchronous) for w in self.workers]
+        if synchronous:  # the shards are written inside start_save
+            self._get_all(starts, self.step_timeout, "writing a save", step)
+        # async: not waited for; actor calls run in order, so the next step starts after it, and
+        # its errors reach us through wait_save
+        in_flight.refs = [w.wait_save.remote(step, self._save_timeout()) for w in self.workers]
+        record.stall_s = self.clock() - started
+        self._last_save_time = started
+        if synchronous:
+            self.finish_save()
+            record.stall_s = self.clock() - started
+        return record
+
+    def poll_save(self) -> None:
+        """Commit (or drop) the in-flight save if every shard is done, without blocking training."""
+        if self._in_flight is None:
+            return
+        ready, _ = ray.wait(self._in_flight.refs, num_returns=len(self._in_flight.refs), timeout=0)
+        if len(ready) == len(self._in_flight.refs):
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for every shard of the in-flight save (if any); commit it, or drop it whole."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return
+        results, failures = self._collect_shards(pending)
+        if failures:
+            self._drop_save(pending, results, failures)
+            return
+        self._commit(pending, results)
+
+    def _collect_shards(self, pending: _InFlightSave) -> tuple[list, dict[int, str]]:
+        results, failures, blocked = [], {}, [0.0]
+        for rank, ref in enumerate(pending.refs):
+            try:
+                result, blocked_s = ray.get(ref, timeout=self._save_timeout() + CONTROL_TIMEOUT_S)
+                results.append(result)
+                blocked.append(blocked_s)
+            except ray.exceptions.RayTaskError as exc:
+                failures[rank] = _task_cause(exc)
+            except ray.exceptions.GetTimeoutError:
+                failures[rank] = f"shard write did not finish within {self._save_timeout()} s"
+            except ray.exceptions.RayError as exc:
+                self._in_flight = pending
+                raise WorkerFailedError(rank, f"died while saving: {exc}", pending.record.step) from exc
+        if pending.record.asynchronous:
+            pending.record.stall_s += max(blocked)  # a worker waited for its snapshot before updating
+        return results, failures
+
+    def _save_timeout(self) -> float:
+        return max(self.step_timeout, float(self.config.fault_tolerance.grace_period_s))
+
+    def _commit(self, pending: _InFlightSave, results: Sequence[Any]) -> None:
+        record = pending.record
+        try:
+            self.manager.commit(record.step, results, metrics=pending.metrics)
+        except CheckpointError as exc:  # e.g. the index write failed: nothing was committed
+            self._drop_save(pending, results, {"commit": f"{type(exc).__name__}: {exc}"})
+            return
+        record.total_s = self.clock() - pending.started
+        record.nbytes = sum(r.nbytes for r in results)
+        record.committed = True
+        self.committed_step = record.step
+        self.reporter.on_checkpoint(record.step, record.total_s, record.nbytes)
+
+    def _drop_save(self, pending: _InFlightSave, results: Sequence[Any], failures: dict[int, str]) -> None:
+        """A shard failed: remove the shards that were written; the previous checkpoint stays latest."""
+        error = CheckpointSaveError(pending.record.step, failures)
+        storage, _ = Storage.for_path(self.config.checkpoint.dir, dict(self.config.checkpoint.storage_options or {}))
+        commit_lib.remove_data(results, storage)
+        pending.record.error = str(error)
+        pending.record.total_s = self.clock() - pending.started
+        log.error("%s; the previous checkpoint stays the latest, training continues", error)
+
+    def _abandon_in_flight(self) -> None:
+        """After a failure: make sure nothing of the in-flight save is left or committed."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return
+        pending.record.error = "abandoned after a failure"
+        try:
+            refs = [w.abandon_save.remote(pending.record.step) for w in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=CONTROL_TIMEOUT_S)
+        finally:
+            self.manager.cleanup_uncommitted()  # whatever a dead worker left behind
+
+    # ------------------------------------------------------------------ waiting
+    def _wait_refs(self, pending: Sequence[tuple[int, Any]], step: int, timeout: float, doing: str) -> None:
+        """Wait for every (rank, ref); the first failure in submission order wins, then timeouts."""
+        refs = [ref for _, ref in pending]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+        ready_ids = {r.hex() for r in ready}
+        for rank, ref in pending:  # compute refs come before apply refs: the root cause first
+            if ref.hex() in ready_ids:
+                self._raise_if_failed(rank, ref, step)
+        for rank, ref in pending:
+            if ref.hex() not in ready_ids:
+                raise WorkerFailedError(rank, f"no answer within {timeout:g} s while {doing} "
+                                              f"(fault_tolerance.step_timeout_s={self.step_timeout:g})", step)
+
+    def _raise_if_failed(self, rank: int, ref: Any, step: int) -> None:
+        try:
+            ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+        except ray.exceptions.RayTaskError as exc:
+            raise WorkerFailedError(rank, _task_cause(exc), step) from exc
+        except ray.exceptions.RayError as exc:
+            raise WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step) from exc
+
+    def _get_all(self, refs: Sequence[Any], timeout: float, doing: str, step: int | None = None) -> list:
+        """``ray.get`` of one ref per rank, failures mapped to ``WorkerFailedError``."""
+        step = self.global_step if step is None else step
+        self._wait_refs(list(enumerate(refs)), step, timeout, doing)
+        return ray.get(list(refs), timeout=timeout)
+
+    # ------------------------------------------------------------------ teardown
+    def shutdown(self) -> None:
+        """Finish or abandon an in-flight save, then kill the actors (idempotent)."""
+        if self.state == CoordinatorState.SHUT_DOWN:
+            return
+        try:
+            if self._in_flight is not None:
+                self.finish_save()
+        except WorkerFailedError:
+            self._abandon_in_flight()
+        finally:
+            for worker in self.workers:
+                ray.kill(worker, no_restart=True)
+            self.state = CoordinatorState.SHUT_DOWN
+
+    def _expect(self, *states: CoordinatorState) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"coordinator is {self.state.value}; expected {[s.value for s in states]}")
+
+
+def aggregate_metrics(per_rank: Sequence[Mapping[str, float]], seconds: float) -> dict[str, float]:
+    """Global loss/accuracy of one step from each rank's sums."""
+    examples = sum(m["examples"] for m in per_rank)
+    return {
+        "loss": sum(m["loss_sum"] for m in per_rank) / examples,
+        "accuracy": sum(m["num_correct"] for m in per_rank) / examples,
+        "step_time": seconds,
+        "examples_per_sec": examples / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _task_cause(exc: Any) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ShardSaveFailed):
+        return cause.cause
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,61 @@
+"""Typed errors of the Ray runtime.
+
+One base, ``ClusterError``. Every error pickles with its fields (``__reduce__``), so it
+crosses Ray actor boundaries and the fault-tolerance supervisor can inspect it.
+Messages name the rank, the step and the cause, and where possible the fix.
+"""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """Base of every error raised by ``orchestrator.cluster``."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WorkerFailedError(ClusterError):
+    """A worker died, raised, or did not finish a step within ``step_timeout_s``."""
+
+    def __init__(self, rank: int, cause: str, step: int):
+        super().__init__(f"worker rank {rank} failed at step {step}: {cause}")
+        self.rank = rank
+        self.cause = cause
+        self.step = step
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.cause, self.step))
+
+
+class CheckpointSaveError(ClusterError):
+    """One or more shards of a distributed save failed; nothing of that save was committed."""
+
+    def __init__(self, step: int, failures: dict[int | str, str]):
+        """``failures``: shard rank (or "commit" for the index/state write) -> cause."""
+        causes = "; ".join(f"{_part(key)}: {cause}" for key, cause in sorted(failures.items(), key=str))
+        super().__init__(f"checkpoint save at step {step} failed ({causes})")
+        self.step = step
+        self.failures = dict(failures)
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.failures))
+
+
+def _part(key: int | str) -> str:
+    return f"shard {key}" if isinstance(key, int) else str(key)
+
+
+class RestoreError(ClusterError, ValueError):
+    """A checkpoint cannot be restored into this job (missing tensor, other model, bad shape)."""
+
+
+class ClusterSetupError(ClusterError, ValueError):
+    """The job cannot start on this cluster as configured (e.g. local checkpoints on many nodes)."""

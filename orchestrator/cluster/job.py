@@ -1,0 +1,78 @@
+"""``run_job``: what ``orchestrator train`` calls.
+
+Connects to Ray (an in-process local Ray by default; ``cluster.address`` or
+``RAY_ADDRESS`` joins an existing cluster), checks that the checkpoint directory is
+reachable by every worker, then hands the job to the ``Supervisor`` (the restart loop
+around the ``Coordinator``: failures, preemption, elastic sizing).
+
+Why the storage check: workers on different nodes each write their own shard, and
+the coordinator commits them all, so all of them must see the same directory. A local
+path is only shared when there is one node (or a shared mount, which Ray cannot tell
+from a local disk, so a multi-node job must use a URL: s3://, gs://, ...). ``memory://``
+is private to each process and never works across Ray actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import ray
+
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.cluster.coordinator import JobResult
+from orchestrator.cluster.errors import ClusterSetupError
+from orchestrator.cluster.supervisor import Supervisor
+
+__all__ = ["JobResult", "run_job", "connect", "check_shared_storage"]
+
+log = logging.getLogger(__name__)
+
+
+def run_job(config, reporter=None) -> JobResult:
+    """Train ``config`` on Ray and return what happened (see ``JobResult``)."""
+    started_ray = connect(config)
+    try:
+        check_shared_storage(config)
+        return Supervisor(config, reporter).run()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def local_num_cpus(config) -> int:
+    """Logical CPUs an in-process Ray declares: enough for every worker, at least 8."""
+    if config.cluster.num_cpus:
+        return int(config.cluster.num_cpus)
+    return max(8, math.ceil(config.workers.max * config.resources.cpus_per_worker))
+
+
+def connect(config) -> bool:
+    """Initialise Ray unless it already is; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        # address="local": always a fresh in-process instance, never a Ray another process started
+        ray.init(address="local", num_cpus=local_num_cpus(config), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def check_shared_storage(config) -> None:
+    """Reject checkpoint directories the workers cannot all reach (before anything starts)."""
+    directory = config.checkpoint.dir
+    storage, _ = Storage.for_path(directory, dict(config.checkpoint.storage_options or {}))
+    if storage.protocol == "memory":
+        raise ClusterSetupError(
+            f"checkpoint.dir {directory!r}: memory:// is private to each process, so Ray workers "
+            f"cannot share it; use a local path, s3://, gs:// or a shared mount")
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if storage.is_local and len(alive) > 1:
+        raise ClusterSetupError(
+            f"checkpoint.dir {directory!r} is a local path but the Ray cluster has {len(alive)} alive "
+            f"nodes: every worker writes its own shard there, so the directory must be shared storage. "
+            f"Set checkpoint.dir to an s3://, gs:// (or other fsspec) URL")

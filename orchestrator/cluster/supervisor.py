@@ -1,0 +1,375 @@
+"""Supervisor: the restart loop around the Coordinator.
+
+One job = a sequence of *attempts*. Each attempt sizes the job with the scaling
+policy, creates a Coordinator with M workers, restores from the latest committed
+checkpoint and trains. An attempt ends in one of four ways:
+
+* done: train.steps reached -> the JobResult is returned.
+* preempted: the PreemptionWatcher fired (SIGTERM/SIGINT, notice file, Ray drain);
+  the coordinator wrote and committed a checkpoint of the current step -> returned
+  with ``preempted=True`` (the CLI exits with code 3; the same command resumes).
+* resize: at a checkpoint boundary more workers fit again -> the coordinator
+  checkpoints the current step, and the next attempt restarts with the larger M'.
+* failed: a worker died, raised or hung (WorkerFailedError) -> the failure policy
+  decides RESTART (after a backoff) or RAISE. A restart resumes from the latest
+  committed checkpoint, so the work lost is at most one checkpoint interval.
+
+Recovery time is measured from the moment the failure surfaced to the first step
+completed by the next attempt (``reporter.on_step``), and reported through
+``reporter.on_recovery``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+from orchestrator.checkpoint import commit as commit_lib
+from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.cluster.errors import ClusterError, WorkerFailedError
+from orchestrator.cluster.failure_policy import DecisionKind, Failure, FailurePolicy
+from orchestrator.cluster.preemption import PreemptionWatcher
+from orchestrator.cluster.scaling_policy import (
+    NodeCapacity, ScalingPolicy, probe_ray_capacity)
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(str, enum.Enum):
+    DONE = "done"
+    PREEMPTED = "preempted"
+    RESIZE = "resize"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class AttemptResult:
+    """How one coordinator attempt ended."""
+
+    outcome: Outcome
+    num_workers: int
+    result: Any = None  # the coordinator's result (DONE / PREEMPTED / RESIZE)
+    failure: Failure | None = None
+    resize_to: int | None = None
+
+
+class _AttemptTracker:
+    """Reporter proxy: forwards every event and watches steps and checkpoints.
+
+    It is how the Supervisor learns, without coordinator hooks, that a checkpoint
+    boundary passed (``on_checkpoint``) and when the first step after a recovery
+    completed (the first ``on_step``; the coordinator reports every
+    ``train.log_every_steps``, so this is late by up to that many steps).
+    """
+
+    def __init__(self, inner, clock: Callable[[], float]):
+        self._inner = inner
+        self._clock = clock
+        self.checkpoint_boundary = False
+        self.committed_steps: list[int] = []
+        self.recovering_since: float | None = None
+        self.recovery_seconds: list[float] = []
+
+    def new_attempt(self) -> None:
+        self.checkpoint_boundary = False
+
+    def on_step(self, step, metrics=None, *args, **kwargs):
+        if self.recovering_since is not None:
+            seconds = self._clock() - self.recovering_since
+            self.recovering_since = None
+            self.recovery_seconds.append(seconds)
+            logger.warning("recovered: step %s completed %.2fs after the failure", step,
+                           seconds)
+            self._forward("on_recovery", seconds)
+        return self._forward("on_step", step, metrics, *args, **kwargs)
+
+    def on_checkpoint(self, step, *args, **kwargs):
+        self.committed_steps.append(step)
+        self.checkpoint_boundary = True
+        return self._forward("on_checkpoint", step, *args, **kwargs)
+
+    def on_failure(self, cause):
+        return self._forward("on_failure", cause)
+
+    def on_recovery(self, seconds):  # the Supervisor measures recovery itself
+        return None
+
+    def _forward(self, name: str, *args, **kwargs):
+        method = getattr(self._inner, name, None) if self._inner is not None else None
+        return method(*args, **kwargs) if method is not None else None
+
+    def __getattr__(self, name: str):
+        """Other hooks (``on_eval``, ...) go to the inner reporter, or nowhere."""
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: self._forward(name, *args, **kwargs)
+        if self._inner is None:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _default_coordinator_factory(config, num_workers, reporter, resume):
+    from orchestrator.cluster.coordinator import Coordinator
+
+    return Coordinator(config, num_workers=num_workers, reporter=reporter, resume=resume)
+
+
+class Supervisor:
+    """Runs a job to completion through worker failures, node loss and preemption.
+
+    Policies and the coordinator factory are constructor arguments, so tests and the
+    chaos script can inject their own.
+    """
+
+    def __init__(self, config, reporter=None, *,
+                 failure_policy: FailurePolicy | None = None,
+                 scaling_policy: ScalingPolicy | None = None,
+                 watcher: PreemptionWatcher | None = None,
+                 probe: Callable[[], Sequence[NodeCapacity]] = probe_ray_capacity,
+                 coordinator_factory=_default_coordinator_factory,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 settle_s: float = 3.0):
+        ft = config.fault_tolerance
+        self.config = config
+        self.failure_policy = failure_policy or FailurePolicy.from_config(ft)
+        self.scaling_policy = scaling_policy or ScalingPolicy.from_config(config)
+        self._coordinator = None
+        self.watcher = watcher or PreemptionWatcher(
+            notice_file=ft.preemption_notice_file, worker_node_ids=self._worker_node_ids)
+        self._probe = probe
+        self._factory = coordinator_factory
+        self._clock = clock
+        self._sleep = sleep
+        self.settle_s = settle_s
+        self.tracker = _AttemptTracker(reporter, clock)
+        self.failures: list[Failure] = []
+        self.attempts: list[AttemptResult] = []
+        self._initial_resume = config.resume
+
+    @property
+    def coordinator(self):
+        """The coordinator of the running attempt, or None between attempts."""
+        return self._coordinator
+
+    @property
+    def recovery_seconds(self) -> list[float]:
+        """Fault-to-first-step durations of every recovery so far."""
+        return list(self.tracker.recovery_seconds)
+
+    def run(self):
+        """Trains to ``train.steps`` or preemption; returns the coordinator's JobResult
+        with ``failures_recovered`` and ``preempted`` filled in."""
+        with self.watcher:
+            self._initial_resume = resolve_resume(self.config, self.config.resume)
+            resume = self._initial_resume
+            num_workers = self._size_job(previous=None)
+            while num_workers and not self.watcher.requested():
+                attempt = self._attempt(num_workers, resume)
+                self.attempts.append(attempt)
+                if attempt.outcome in (Outcome.DONE, Outcome.PREEMPTED):
+                    return self._finish(attempt)
+                resume = self._resume_after_first_attempt()
+                if attempt.outcome is Outcome.RESIZE:
+                    num_workers = attempt.resize_to
+                    continue
+                self._handle_failure(attempt.failure)
+                num_workers = self._size_job(previous=attempt.num_workers)
+            return self._finish_preempted_between_attempts()
+
+    # -- one attempt -------------------------------------------------------------
+
+    def _attempt(self, num_workers: int, resume: str) -> AttemptResult:
+        logger.info("starting attempt %d with %d worker(s), resume=%s",
+                    len(self.attempts) + 1, num_workers, resume)
+        self.tracker.new_attempt()
+        self._resize_to = None
+        coord = self._factory(self.config, num_workers, self.tracker, resume)
+        self._coordinator = coord
+        first_step = None
+        try:
+            coord.start()
+            first_step = coord.global_step
+            result = coord.run(stop_requested=self._stop_requested)
+        except WorkerFailedError as error:
+            progress = first_step is not None and coord.global_step > first_step
+            return AttemptResult(Outcome.FAILED, num_workers,
+                                 failure=self._failure(error, progress))
+        finally:
+            self._coordinator = None
+            coord.shutdown()
+        return self._classify(result, num_workers)
+
+    def _classify(self, result, num_workers: int) -> AttemptResult:
+        if not getattr(result, "preempted", False):
+            return AttemptResult(Outcome.DONE, num_workers, result)
+        if self.watcher.requested():
+            return AttemptResult(Outcome.PREEMPTED, num_workers, result)
+        return AttemptResult(Outcome.RESIZE, num_workers, result, resize_to=self._resize_to)
+
+    def _stop_requested(self) -> bool:
+        """Polled by the coordinator between steps: preemption, or room to grow."""
+        if self.watcher.requested():
+            return True
+        if not self.tracker.checkpoint_boundary:
+            return False
+        self.tracker.checkpoint_boundary = False
+        current = self._current_workers()
+        grow_to = self.scaling_policy.should_grow(current, self._probe())
+        if grow_to is not None:
+            logger.warning("capacity for %d worker(s) is back (running %d): checkpointing "
+                           "and restarting larger", grow_to, current)
+            self._resize_to = grow_to
+            return True
+        return False
+
+    def _current_workers(self) -> int:
+        coord = self._coordinator
+        return len(coord.workers) if coord is not None else 0
+
+    def _worker_node_ids(self) -> list[str]:
+        """Nodes hosting the running attempt's workers (a drain of one preempts)."""
+        coord = self._coordinator
+        return list(coord.worker_node_ids) if coord is not None else []
+
+    # -- failures ----------------------------------------------------------------
+
+    def _failure(self, error: WorkerFailedError, made_progress: bool) -> Failure:
+        self.tracker.recovering_since = self._clock()
+        failure = Failure(cause=error.cause, rank=error.rank, step=error.step,
+                          made_progress=made_progress)
+        logger.error("worker rank %s failed at step %s: %s", error.rank, error.step,
+                     error.cause)
+        self.tracker.on_failure(str(error))
+        return failure
+
+    def _handle_failure(self, failure: Failure) -> None:
+        decision = self.failure_policy.make_decision(failure, self.failures)
+        self.failures.append(failure)
+        if decision.kind is DecisionKind.RAISE:
+            raise JobFailedError(failure.rank, failure.cause, failure.step, decision.reason)
+        self._sleep_unless_preempted(decision.backoff_s)
+
+    def _sleep_unless_preempted(self, seconds: float) -> None:
+        deadline = self._clock() + seconds
+        while not self.watcher.requested() and self._clock() < deadline:
+            self._sleep(min(0.1, max(0.0, deadline - self._clock())))
+
+    def _size_job(self, previous: int | None) -> int:
+        """M for the next attempt; 0 when preempted while waiting for capacity.
+
+        After a failure the killed actors' resources take a moment to show as free
+        again, so up to ``settle_s`` is spent waiting for the previous M to fit before
+        settling for fewer workers.
+        """
+        if previous is not None:
+            self._await_settled(previous)
+        return self.scaling_policy.wait_for_workers(self._probe,
+                                                    cancelled=self.watcher.requested)
+
+    def _await_settled(self, previous: int) -> None:
+        deadline = self._clock() + self.settle_s
+        while self._clock() < deadline and not self.watcher.requested():
+            if self.scaling_policy.decide(self._probe()).num_workers >= previous:
+                return
+            self._sleep(0.1)
+
+    def _resume_after_first_attempt(self) -> str:
+        """Restarts resume from the latest checkpoint this job committed (``auto``: the
+        coordinator's latest; this driver just wrote it, so it is not re-verified).
+        Before this job has committed any, they resume the way the first attempt did."""
+        return "auto" if self.tracker.committed_steps else self._initial_resume
+
+    # -- results -----------------------------------------------------------------
+
+    def _finish(self, attempt: AttemptResult):
+        preempted = attempt.outcome is Outcome.PREEMPTED
+        if preempted:
+            self._log_preemption_time()
+        return _with_fields(attempt.result, preempted=preempted,
+                            failures_recovered=self._recovered_count())
+
+    def _recovered_count(self) -> int:
+        """Failures the job came back from (the last one not, if no attempt followed)."""
+        last_failed = bool(self.attempts) and self.attempts[-1].outcome is Outcome.FAILED
+        return len(self.failures) - int(last_failed)
+
+    def _finish_preempted_between_attempts(self):
+        """Preempted while no coordinator ran (during a backoff): nothing new to save,
+        the latest committed checkpoint is the resume point."""
+        from orchestrator.cluster.coordinator import JobResult
+
+        logger.warning("preempted (%s) between attempts: the latest committed checkpoint "
+                       "is the resume point", self.watcher.reason)
+        manager = _manager(self.config)
+        latest = manager.latest_checkpoint
+        step = commit_lib.step_of(latest) if latest else None
+        return JobResult(steps_completed=step or 0, final_metrics={},
+                         checkpoints=list(manager.checkpoints),
+                         failures_recovered=self._recovered_count(), preempted=True,
+                         last_checkpoint=latest)
+
+    def _log_preemption_time(self) -> None:
+        at = self.watcher.requested_at
+        seconds = 0.0 if at is None else time.monotonic() - at
+        grace = float(self.config.fault_tolerance.grace_period_s)
+        log = logger.warning if seconds <= grace else logger.error
+        log("preempted (%s): checkpoint committed %.2fs after the notice "
+            "(fault_tolerance.grace_period_s=%g)", self.watcher.reason, seconds, grace)
+
+
+def resolve_resume(config, resume: str) -> str:
+    """``auto`` -> the newest kept checkpoint that verifies (every shard present, every
+    CRC right), or ``never`` when there is none. A checkpoint that fails verification is
+    skipped with a warning and left in place for inspection; other values pass through.
+
+    Called once when the job starts (a fresh driver, e.g. after a crash or preemption),
+    where the checkpoints on disk are of unknown health; it reads every tensor once.
+
+    Constructing the manager also removes uncommitted leftovers of interrupted saves
+    (e.g. from a driver killed mid-save); no save is in flight between attempts.
+    """
+    if resume != "auto":
+        return resume
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prefix = _manager(config).restore_or_initialize(None)
+    for warning in caught:
+        logger.warning("resume: %s", warning.message)
+    return prefix if prefix is not None else "never"
+
+
+def _manager(config) -> CheckpointManager:
+    """A manager of the job's checkpoint directory with the job's retention settings."""
+    ckpt = config.checkpoint
+    return CheckpointManager(
+        ckpt.dir, max_to_keep=ckpt.max_to_keep or None,
+        keep_checkpoint_every_n_hours=ckpt.keep_checkpoint_every_n_hours,
+        best_metric=ckpt.best_metric, best_mode=getattr(ckpt.best_mode, "value", ckpt.best_mode),
+        keep_best=ckpt.keep_best, storage_options=dict(ckpt.storage_options or {}),
+        fsync=ckpt.fsync)
+
+
+class JobFailedError(ClusterError):
+    """The failure policy gave up: too many failures (``fault_tolerance.max_failures``)."""
+
+    def __init__(self, rank: int | None, cause: str, step: int | None, reason: str):
+        super().__init__(f"job failed: worker rank {rank} at step {step}: {cause}; "
+                         f"giving up: {reason}")
+        self.rank, self.cause, self.step, self.reason = rank, cause, step, reason
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.cause, self.step, self.reason))
+
+
+def _with_fields(result, **fields):
+    """Copies the coordinator's result with ``fields`` set (dataclass or object)."""
+    if dataclasses.is_dataclass(result):
+        known = {f.name for f in dataclasses.fields(result)}
+        return dataclasses.replace(result, **{k: v for k, v in fields.items() if k in known})
+    for name, value in fields.items():
+        setattr(result, name, value)
+    return result

@@ -1,0 +1,271 @@
+"""The worker actor: one of M processes training one model together.
+
+Each worker holds the whole model (to compute gradients on its slice of the global
+batch) but *owns* only a balanced share of the variables (``ownership``): it keeps
+the optimizer slots of those, applies their updates, and writes them into its
+checkpoint shard ``<prefix>.data-<rank>-of-<M>``. Worker 0 also writes the job's
+small records (``global_step``, ``_ITERATOR_STATE``, ``_RNG_STATE``,
+``_MODEL_STRUCTURE``).
+
+Call sequence of one step (the coordinator drives it, see ``collectives``):
+
+1. (all ranks) ``compute_grads(step, *params_of_each_owner)`` -> (metrics, grads for owner 0..M-1)
+2. (owners)    ``apply_grads(step, *grads_from_rank_0..M-1)`` -> this owner's new params
+
+Saves: ``start_save`` (training thread: snapshot, then write in the background when
+async) and ``wait_save`` (the ``io`` concurrency group, so it can block while training
+calls keep running). Nothing here ever commits a checkpoint: the coordinator does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+
+from orchestrator.checkpoint import structure as structure_lib
+from orchestrator.checkpoint.reader import CheckpointReader
+from orchestrator.cluster import recipe
+from orchestrator.cluster.collectives import NcclGroup
+from orchestrator.cluster.errors import RestoreError
+from orchestrator.cluster.ownership import assign_owners
+from orchestrator.cluster.shard_save import ShardSaver
+from orchestrator.engine.backend import get_backend
+from orchestrator.engine.models import build_model
+
+GLOBAL_STEP_KEY = "global_step"
+ITERATOR_STATE_KEY = "_ITERATOR_STATE"
+RNG_STATE_KEY = "_RNG_STATE"
+RNG_ALGORITHM = "philox4x32-10(seed, step, layer, example, unit)"
+IO_GROUP = "io"
+
+
+def json_tensor(record: Mapping[str, Any]) -> np.ndarray:
+    """A JSON record as a 0-d DT_STRING tensor."""
+    return np.array(json.dumps(record, sort_keys=True).encode("utf-8"), dtype=object)
+
+
+def decode_json_tensor(value: Any) -> dict:
+    raw = np.asarray(value, dtype=object).reshape(()).item()
+    return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+
+
+class TrainWorker:
+    """Plain class holding one rank's state; ``WorkerActor`` is its Ray actor form."""
+
+    def __init__(self, config, rank: int, num_workers: int, dataset=None):
+        """``dataset``: shared by the coordinator through the object store (zero-copy on one
+        node); None loads it here."""
+        self.config, self.rank, self.num_workers = config, rank, num_workers
+        self.seed = int(config.seed)
+        self.backend = get_backend(recipe.plain(config.device))
+        self.dataset = dataset if dataset is not None else recipe.load_data(config)
+        self.spec = recipe.model_spec(config, self.dataset)
+        self.model = build_model(self.spec, self.backend, self.seed)
+        self.variables = {v.name: v for v in self.model.variables}
+        self.ownership = assign_owners({n: v.nbytes for n, v in self.variables.items()}, num_workers)
+        self.owned = self.ownership.owned_by(rank)
+        self.optimizer = recipe.make_optimizer(config)
+        self.slots = {n: list(self.optimizer.create_slots(self.variables[n])) for n in self.owned}
+        self.sampler = recipe.make_sampler(config, self.dataset, self.seed)
+        self.global_step = 0
+        self.saver = ShardSaver(rank, config.checkpoint.storage_options, config.checkpoint.fsync)
+        self._train_x = self.backend.asarray(self.dataset.train_x)  # host -> device once
+        self._train_y = self.backend.asarray(self.dataset.train_y)
+
+    # ------------------------------------------------------------------ identity
+    def info(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "owned": list(self.owned), "global_step": self.global_step}
+
+    # ------------------------------------------------------------------ training
+    def owned_params(self) -> dict[str, np.ndarray]:
+        return {n: self.backend.to_host(self.variables[n].value) for n in self.owned}
+
+    def compute_grads(self, step: int, *owner_params: Mapping[str, Any]) -> tuple:
+        """Gradients of this rank's slice of the global batch of ``step``, split by owner."""
+        self._check_step(step)
+        metrics, grads = self._slice_grads(step, self._gather_params(owner_params))
+        by_owner = [{} for _ in range(self.num_workers)]
+        for name, grad in grads.items():
+            by_owner[self.ownership.owner[name]][name] = self.backend.to_host(grad)
+        return (metrics, *by_owner)
+
+    def _slice_grads(self, step: int, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        local, offset = self.sampler.split(self.sampler.next_batch(), self.rank, self.num_workers)
+        local = self.backend.asarray(local)  # host -> device on cupy
+        loss_sum, correct, grads = self.model.loss_and_grads(
+            params, self._train_x[local], self._train_y[local], step=step, example_offset=offset,
+            global_batch_size=self.config.data.global_batch_size, seed=self.seed, train=True)
+        metrics = {"loss_sum": float(loss_sum), "num_correct": int(correct), "examples": int(len(local))}
+        return metrics, grads
+
+    def apply_grads(self, step: int, *grads_by_rank: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
+        """Sum each owned gradient over ranks 0..M-1 in that order, apply the optimizer.
+
+        Returns (a tiny acknowledgement, this owner's new params).
+        """
+        self._check_step(step)
+        self.saver.wait_snapshot()  # an async save must have copied the values we now change
+        for name in self.owned:
+            total = self.backend.asarray(grads_by_rank[0][name])
+            for grads in grads_by_rank[1:]:
+                total = total + self.backend.asarray(grads[name])
+            self.optimizer.apply(self.variables[name], total, self.slots[name], step)
+        self.global_step = step + 1
+        return {"rank": self.rank, "global_step": self.global_step}, self.owned_params()
+
+    def evaluate(self, *owner_params: Mapping[str, Any]) -> dict[str, float]:
+        params = self._gather_params(owner_params)
+        loss, accuracy = self.model.evaluate(params, self.backend.asarray(self.dataset.test_x),
+                                             self.backend.asarray(self.dataset.test_y))
+        return {"eval_loss": float(loss), "eval_accuracy": float(accuracy)}
+
+    def _gather_params(self, owner_params) -> dict[str, Any]:
+        params = {}
+        for received in owner_params:
+            params.update({n: self.backend.asarray(a) for n, a in received.items()})
+        params.update({n: self.variables[n].value for n in self.owned})
+        return params
+
+    def _check_step(self, step: int) -> None:
+        if step != self.global_step:
+            raise RuntimeError(f"rank {self.rank}: asked for step {step} but is at step {self.global_step}")
+
+    # ------------------------------------------------------------------ NCCL path (GPU)
+    def nccl_unique_id(self) -> Any:
+        return NcclGroup.new_unique_id()
+
+    def nccl_setup(self, unique_id: Any) -> None:
+        self._nccl = NcclGroup(self.num_workers, unique_id, self.rank)
+
+    def nccl_train_step(self, step: int) -> dict:
+        """One step with NCCL: params broadcast from owners, gradients reduced to owners."""
+        self._check_step(step)
+        self._nccl_sync_params()
+        metrics, grads = self._slice_grads(step, {n: v.value for n, v in self.variables.items()})
+        names = sorted(grads)
+        totals = [self.backend.xp.empty_like(grads[n]) for n in names]
+        self._nccl.reduce_to_owners([grads[n] for n in names], [self.ownership.owner[n] for n in names], totals)
+        self.saver.wait_snapshot()
+        for name, total in zip(names, totals):
+            if self.ownership.owner[name] == self.rank:
+                self.optimizer.apply(self.variables[name], total, self.slots[name], step)
+        self.global_step = step + 1
+        return metrics
+
+    def nccl_evaluate(self) -> dict[str, float]:
+        self._nccl_sync_params()
+        return self.evaluate()
+
+    def _nccl_sync_params(self) -> None:
+        names = sorted(self.variables)
+        self._nccl.broadcast([self.variables[n].value for n in names], [self.ownership.owner[n] for n in names])
+
+    # ------------------------------------------------------------------ state
+    def owned_arrays(self) -> dict[str, Any]:
+        """Every array this rank checkpoints: owned variables and their slots."""
+        arrays = {n: self.variables[n].value for n in self.owned}
+        for slots in self.slots.values():
+            arrays.update({slot.name: slot.value for slot in slots})
+        return arrays
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        """Host copies of ``owned_arrays`` (tests compare these bit for bit)."""
+        return {n: np.array(self.backend.to_host(a)) for n, a in self.owned_arrays().items()}
+
+    def job_records(self) -> dict[str, np.ndarray]:
+        """The small records worker 0 writes next to the variables."""
+        records = {
+            GLOBAL_STEP_KEY: np.array(self.global_step, dtype=np.int64),
+            ITERATOR_STATE_KEY: json_tensor(self.sampler.state()),
+            RNG_STATE_KEY: json_tensor({"algorithm": RNG_ALGORITHM, "seed": self.seed}),
+        }
+        records.update(structure_lib.structure_tensors(self.spec.to_dict(), list(self.variables)))
+        return records
+
+    # ------------------------------------------------------------------ saving
+    def start_save(self, step: int, prefix: str, asynchronous: bool) -> None:
+        """Start writing this rank's shard of the checkpoint of ``step`` (async: in the background)."""
+        self._check_step(step)
+        extras = self.job_records() if self.rank == 0 else {}
+        self.saver.start(step, prefix, self.num_workers, self.owned_arrays(), extras, asynchronous)
+
+    def wait_save(self, step: int, timeout: float | None = None) -> tuple[Any, float]:
+        """(this rank's ShardResult, seconds training waited for the snapshot); raises if the write failed."""
+        return self.saver.wait(step, timeout), self.saver.blocked_seconds(step)
+
+    def abandon_save(self, step: int) -> None:
+        self.saver.abandon(step)
+
+    def last_write_seconds(self) -> float:
+        return self.saver.last_write_seconds()
+
+    # ------------------------------------------------------------------ restoring
+    def restore(self, prefix: str) -> dict:
+        """Read what this rank owns now (any M wrote it) plus the job records; range reads only."""
+        self.saver.finish_previous()
+        reader = CheckpointReader(prefix, dict(self.config.checkpoint.storage_options or {}))
+        self._check_structure(reader, prefix)
+        read = []
+        for name, array in self.owned_arrays().items():
+            self._assign(name, _read_tensor(reader, prefix, name, array))
+            read.append(name)
+        self.global_step = int(_read_tensor(reader, prefix, GLOBAL_STEP_KEY, None))
+        rng = decode_json_tensor(_read_tensor(reader, prefix, RNG_STATE_KEY, None))
+        self.seed = int(rng["seed"])
+        self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
+        self.sampler.set_state(decode_json_tensor(_read_tensor(reader, prefix, ITERATOR_STATE_KEY, None)))
+        return {"rank": self.rank, "global_step": self.global_step, "read": sorted(read)}
+
+    def _assign(self, name: str, value: np.ndarray) -> None:
+        target = self.variables.get(name)
+        if target is None:
+            target = next(s for slots in self.slots.values() for s in slots if s.name == name)
+        target.assign(value)
+
+    def _check_structure(self, reader, prefix: str) -> None:
+        record = structure_lib.read_structure(reader)
+        if record is None:
+            raise RestoreError(f"{prefix}: no {structure_lib.STRUCTURE_KEY} record; not written by this runtime")
+        expected = json.loads(json.dumps(self.spec.to_dict()))
+        if record["spec"] != expected:
+            diffs = sorted(k for k in set(expected) | set(record["spec"])
+                           if expected.get(k) != record["spec"].get(k))
+            detail = ", ".join(f"{k}: checkpoint {record['spec'].get(k)!r} vs config {expected.get(k)!r}"
+                               for k in diffs)
+            raise RestoreError(f"{prefix}: the checkpoint holds a different model ({detail})")
+
+
+def _read_tensor(reader, prefix: str, name: str, like: Any) -> np.ndarray:
+    if not reader.has_tensor(name):
+        raise RestoreError(f"{prefix}: tensor {name!r} is missing from the checkpoint")
+    value = reader.get_tensor(name)
+    if like is not None and (tuple(value.shape) != tuple(like.shape) or value.dtype != like.dtype):
+        raise RestoreError(f"{prefix}: tensor {name!r} is {value.dtype}{list(value.shape)} in the "
+                           f"checkpoint but {np.dtype(like.dtype)}{list(like.shape)} in the model")
+    return value
+
+
+class WorkerActor(TrainWorker):
+    """``TrainWorker`` with the save-status calls in their own concurrency group."""
+
+    @ray.method(concurrency_group=IO_GROUP)
+    def wait_save(self, step: int, timeout: float | None = None) -> tuple[Any, float]:
+        return TrainWorker.wait_save(self, step, timeout)
+
+    @ray.method(concurrency_group=IO_GROUP)
+    def abandon_save(self, step: int) -> None:
+        self.saver.abandon(step)
+
+    @ray.method(concurrency_group=IO_GROUP)
+    def last_write_seconds(self) -> float:
+        return self.saver.last_write_seconds()
+
+
+def remote_worker_class():
+    """The Ray actor class (created lazily so importing this module does not need Ray running)."""
+    return ray.remote(concurrency_groups={IO_GROUP: 2})(WorkerActor)

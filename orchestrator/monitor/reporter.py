@@ -1,0 +1,177 @@
+"""The hooks the runtime calls while a job runs.
+
+``Reporter`` turns runtime events into what the operator sees (``ProgressDisplay``),
+TensorBoard scalars (``EventFileWriter`` under ``<run_dir>/tensorboard``) and, on
+``close``, the ``RunSummary`` (printed and written to ``<run_dir>/summary.json``).
+
+NOTE: hooks may be called from the coordinator loop and from background save threads;
+every hook takes the reporter's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Mapping, TextIO
+
+from orchestrator.config import JobConfig, redact
+from orchestrator.monitor.events import EventFileWriter
+from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_summary
+
+logger = logging.getLogger(__name__)
+
+TENSORBOARD_SUBDIR = "tensorboard"
+SUMMARY_FILE = "summary.json"
+
+
+class Reporter:
+    """Receives ``on_step``/``on_eval``/``on_checkpoint``/``on_failure``/``on_recovery``; ``close`` -> summary."""
+
+    def __init__(self, run_dir: str, *, name: str = "", total_steps: int, global_batch_size: int,
+                 log_every_steps: int = 10, progress: str = "auto", tensorboard: bool = True,
+                 stream: TextIO | None = None, clock=time.monotonic):
+        self.run_dir = run_dir
+        self.name = name or os.path.basename(os.path.normpath(run_dir))
+        self.global_batch_size = global_batch_size
+        self._clock = clock
+        self._start = clock()
+        self._lock = threading.Lock()
+        self._state = ProgressState(total_steps=total_steps)
+        self._display = ProgressDisplay(stream or sys.stdout, progress, log_every_steps, clock)
+        self._events = EventFileWriter(os.path.join(run_dir, TENSORBOARD_SUBDIR)) if tensorboard else None
+        self._last_step: tuple[int, float] | None = None
+        self._metrics: dict[str, float] = {}
+        self._failures = 0
+        self._recovered = 0
+        self._recovery_s = 0.0
+        self._summary: RunSummary | None = None
+
+    @classmethod
+    def from_config(cls, config: JobConfig, stream: TextIO | None = None, clock=time.monotonic) -> "Reporter":
+        return cls(config.run_dir, name=config.name, total_steps=config.train.steps,
+                   global_batch_size=config.data.global_batch_size,
+                   log_every_steps=config.train.log_every_steps, progress=config.logging.progress.value,
+                   tensorboard=config.logging.tensorboard, stream=stream, clock=clock)
+
+    @property
+    def events_path(self) -> str | None:
+        return self._events.path if self._events else None
+
+    # ------------------------------------------------------------------ hooks
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """After global step ``step``; ``metrics`` usually holds loss and accuracy."""
+        with self._lock:
+            scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+            scalars.update(self._timing(step, scalars))
+            self._metrics.update({k: v for k, v in scalars.items() if k in ("loss", "accuracy")})
+            self._state.step = step
+            self._state.loss = scalars.get("loss", self._state.loss)
+            self._state.accuracy = scalars.get("accuracy", self._state.accuracy)
+            self._state.examples_per_sec = scalars.get("examples_per_sec", self._state.examples_per_sec)
+            self._write_scalars(step, scalars)
+            self._display.update(self._state)
+
+    def on_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Held-out metrics at ``step``: TensorBoard ``eval/<name>`` and one line."""
+        with self._lock:
+            scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+            self._metrics.update({f"eval_{k}": v for k, v in scalars.items()})
+            self._write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+            text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items()))
+            self._display.message(f"eval at step {step}: {text}")
+
+    def on_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
+        """A checkpoint of ``step`` was committed after ``seconds`` of writing ``nbytes``."""
+        with self._lock:
+            self._state.last_checkpoint_step = step
+            self._state.last_checkpoint_secs = float(seconds)
+            self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
+            self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({_human_bytes(nbytes)})")
+
+    def on_failure(self, cause: Any) -> None:
+        """A worker or step failed; ``cause`` is an exception or a message."""
+        with self._lock:
+            self._failures += 1
+            self._display.message(redact(f"failure #{self._failures}: {cause}"))
+
+    def on_recovery(self, seconds: float) -> None:
+        """Training resumed ``seconds`` after the last failure."""
+        with self._lock:
+            self._recovered += 1
+            self._recovery_s += float(seconds)
+            self._display.message(f"recovered in {seconds:.1f} s; training continues")
+
+    # ------------------------------------------------------------------ end
+    def close(self, result: Any = None, status: str | None = None) -> RunSummary:
+        """Finish the display, close event files, print and write the summary (idempotent)."""
+        with self._lock:
+            if self._summary is None:
+                self._display.finish()
+                if self._events:
+                    self._events.close()
+                self._summary = self._build_summary(result, status)
+                self._write_summary(self._summary)
+                self._display.stream.write(format_summary(self._summary) + "\n")
+                self._display.stream.flush()
+            return self._summary
+
+    # ------------------------------------------------------------------ helpers
+    def _timing(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+        """step_time and examples_per_sec from the time between two reported steps."""
+        now = self._clock()
+        last, self._last_step = self._last_step, (step, now)
+        out = {}
+        if last is not None and step > last[0] and now > last[1]:
+            per_step = (now - last[1]) / (step - last[0])
+            out["examples_per_sec"] = self.global_batch_size / per_step
+            out.setdefault("step_time", per_step)
+        return {k: v for k, v in out.items() if k not in scalars}
+
+    def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._events and scalars:
+            self._events.add_scalars(step, scalars)
+
+    def _build_summary(self, result: Any, status: str | None) -> RunSummary:
+        preempted = bool(getattr(result, "preempted", False))
+        status = status or ("preempted" if preempted else "completed" if result is not None else "failed")
+        metrics = dict(getattr(result, "final_metrics", None) or self._metrics)
+        return RunSummary(
+            name=self.name, status=status,
+            steps_completed=int(getattr(result, "steps_completed", self._state.step)),
+            total_steps=self._state.total_steps, wall_time_s=self._clock() - self._start,
+            final_metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
+            checkpoints_kept=[str(p) for p in (getattr(result, "checkpoints", None) or [])],
+            last_checkpoint=getattr(result, "last_checkpoint", None),
+            failures=self._failures,
+            failures_recovered=int(getattr(result, "failures_recovered", self._recovered)),
+            recovery_time_s=self._recovery_s,
+        )
+
+    def _write_summary(self, summary: RunSummary) -> None:
+        path = os.path.join(self.run_dir, SUMMARY_FILE)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(redact(json.dumps(summary.to_dict(), indent=2)) + "\n")
+        except OSError as exc:
+            logger.warning("could not write the run summary %s: %s", path, exc)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, (str, bytes))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -1,0 +1,182 @@
+"""Benchmarks of the Ray runtime (issue 5), each printed from one run:
+
+(a) training stall per checkpoint, async vs synchronous save, for a wide MLP of >= 200 MB;
+(b) aggregate checkpoint write throughput with M = 1, 2, 4 writers vs a raw write+fsync of the
+    same bytes to the same disk;
+(c) training steps/second with M = 1, 2, 4 (the 784-625-625-10 reference MLP, batch 128).
+
+    python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
+
+Everything runs on an in-process local Ray; checkpoints are fsync'd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+
+from orchestrator.cluster.coordinator import Coordinator  # noqa: E402
+from orchestrator.config import (CheckpointConfig, DataConfig, Dataset, JobConfig, ModelConfig,  # noqa: E402
+                                 OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig, WorkersConfig)
+
+INPUT_DIM = 1024
+
+
+def wide_hidden(model_mb: float) -> int:
+    """Width H of a 1024-H-H-10 MLP whose float32 parameters take ``model_mb`` MB."""
+    floats = model_mb * 1e6 / 4
+    b = INPUT_DIM + 10 + 2  # H^2 + (1024 + 10 + 2) H + 10 = floats
+    return int((-b + (b * b + 4 * (floats - 10)) ** 0.5) / 2) + 1
+
+
+def job(directory: str, workers: int, hidden: list[int], input_dim: int, batch: int, steps: int,
+        async_save: bool = True) -> JobConfig:
+    return JobConfig(
+        name="bench", seed=0,
+        model=ModelConfig(hidden=hidden, keep_prob_input=1.0, keep_prob_hidden=1.0),
+        data=DataConfig(dataset=Dataset.SYNTHETIC, num_examples=max(512, batch * 4), input_dim=input_dim,
+                        global_batch_size=batch),
+        optimizer=OptimizerConfig(name=OptimizerName.SGD, learning_rate=1e-3),
+        train=TrainConfig(steps=steps, log_every_steps=10**9, eval_every_steps=0),
+        workers=WorkersConfig(workers, workers), resources=ResourcesConfig(cpus_per_worker=0.25),
+        checkpoint=CheckpointConfig(dir=directory, save_every_steps=0, save_every_secs=None,
+                                    async_save=async_save, max_to_keep=2, fsync=True),
+        resume="never")
+
+
+def started(config: JobConfig) -> Coordinator:
+    coordinator = Coordinator(config)
+    coordinator.start()
+    return coordinator
+
+
+def mean_step_time(coordinator: Coordinator, steps: int) -> float:
+    begin = time.perf_counter()
+    for _ in range(steps):
+        coordinator.step_once()
+    return (time.perf_counter() - begin) / steps
+
+
+# ------------------------------------------------------------------------------ (a)
+def bench_stall(root: str, model_mb: float, workers: int, rounds: int) -> None:
+    hidden = wide_hidden(model_mb)
+    config = job(os.path.join(root, "stall"), workers, [hidden, hidden], INPUT_DIM, batch=16, steps=10**6)
+    coordinator = started(config)
+    try:
+        mean_step_time(coordinator, 2)  # warm-up: first transfers through the object store
+        baseline = mean_step_time(coordinator, 3)
+        sync_stalls, async_stalls, async_totals, during = [], [], [], []
+        for _ in range(rounds):
+            sync_stalls.append(coordinator.save(synchronous=True).stall_s)
+            record = coordinator.save(synchronous=False)
+            async_stalls.append(record.stall_s)
+            during.append(mean_step_time(coordinator, 2))  # steps while the shards are written
+            coordinator.finish_save()
+            async_totals.append(record.total_s)
+            mean_step_time(coordinator, 1)
+        nbytes = coordinator.saves[-1].nbytes
+    finally:
+        coordinator.shutdown()
+    sync_s, async_s = statistics.median(sync_stalls), statistics.median(async_stalls)
+    print(f"(a) stall per checkpoint: model {nbytes / 1e6:.0f} MB (1024-{hidden}-{hidden}-10, sgd), "
+          f"M={workers} workers, {rounds} saves of each kind in one run (medians)")
+    print(f"    synchronous save: training blocked {sync_s:.3f} s")
+    print(f"    async save:       training blocked {async_s:.3f} s (the host copy overlaps the next "
+          f"gradient computation); write+commit {statistics.median(async_totals):.3f} s in the background")
+    print(f"    async stall / sync stall = {async_s / sync_s:.3f} (target <= 0.05): "
+          f"{'MET' if async_s <= 0.05 * sync_s else 'MISSED'}")
+    print(f"    step time: {baseline:.3f} s normally, {statistics.median(during):.3f} s while a "
+          f"background write runs (2 shared CPU cores)")
+
+
+# ------------------------------------------------------------------------------ (b)
+def raw_write_seconds(directory: str, nbytes: int, chunk: int = 16 << 20) -> float:
+    """Plain sequential write + fsync of ``nbytes`` in large chunks (the disk's bandwidth)."""
+    path = os.path.join(directory, "raw.bin")
+    block = os.urandom(chunk)
+    begin = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[:min(left, chunk)])
+            left -= chunk
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - begin
+    os.remove(path)
+    return seconds
+
+
+def bench_throughput(root: str, model_mb: float, worker_counts: list[int], repeats: int) -> None:
+    hidden = wide_hidden(model_mb)
+    print(f"(b) checkpoint write throughput, synchronous saves (shards in parallel + index + state), "
+          f"fsync on, best of {repeats}")
+    for workers in worker_counts:
+        directory = os.path.join(root, f"tput{workers}")
+        config = job(directory, workers, [hidden, hidden], INPUT_DIM, batch=8, steps=10**6, async_save=False)
+        coordinator = started(config)
+        try:
+            coordinator.step_once()
+            records = [coordinator.save(synchronous=True) for _ in range(repeats)]
+        finally:
+            coordinator.shutdown()
+        best = min(r.total_s for r in records)
+        nbytes = records[-1].nbytes
+        raw = min(raw_write_seconds(root, nbytes) for _ in range(repeats))
+        print(f"    M={workers}: {nbytes / best / 1e9:.3f} GB/s ({nbytes / 1e6:.0f} MB in {best:.3f} s); "
+              f"raw write+fsync {nbytes / raw / 1e9:.3f} GB/s; ratio {raw / best:.2f}")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ (c)
+def bench_steps(root: str, worker_counts: list[int], steps: int) -> None:
+    print(f"(c) training throughput, 784-625-625-10 MLP, synthetic data, batch 128, sgd, "
+          f"mean over {steps} steps after 5 warm-up steps")
+    for workers in worker_counts:
+        config = job(os.path.join(root, f"steps{workers}"), workers, [625, 625], 784, batch=128, steps=10**6)
+        coordinator = started(config)
+        try:
+            mean_step_time(coordinator, 5)
+            per_step = mean_step_time(coordinator, steps)
+        finally:
+            coordinator.shutdown()
+        print(f"    M={workers}: {1 / per_step:.1f} steps/s ({128 / per_step:.0f} examples/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-mb", type=float, default=200.0, help="parameter bytes of the wide MLP (a, b)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--stall-workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="saves of each kind in (a)")
+    parser.add_argument("--repeats", type=int, default=3, help="saves per M in (b)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per M in (c)")
+    parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
+    parser.add_argument("--only", choices=["a", "b", "c"], nargs="+", default=["a", "b", "c"])
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="bench_runtime_", dir=args.dir)
+    ray.init(address="local", num_cpus=max(8, max(args.workers)), include_dashboard=False, log_to_driver=False)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; scratch dir {root}")
+    try:
+        if "a" in args.only:
+            bench_stall(root, args.model_mb, args.stall_workers, args.rounds)
+        if "b" in args.only:
+            bench_throughput(root, args.model_mb, args.workers, args.repeats)
+        if "c" in args.only:
+            bench_steps(root, args.workers, args.steps)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Helpers for runtime tests: small job configs, worker state collection, single-process reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from orchestrator.config import (CheckpointConfig, DataConfig, FaultToleranceConfig, JobConfig, ModelConfig,
+                                 OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig, WorkersConfig)
+
+RAY_TIMEOUT_S = 120
+
+
+def make_config(directory: str, *, workers: int = 2, steps: int = 20, save_every: int = 0,
+                hidden=(32,), optimizer: str = "adam", learning_rate: float = 3e-3, batch: int = 64,
+                async_save: bool = True, resume: str = "auto", eval_every: int = 0,
+                keep=(0.9, 0.7), max_to_keep: int | None = 10, seed: int = 0,
+                step_timeout_s: float = 60.0) -> JobConfig:
+    """A digits MLP job small enough for a 2-core CI machine."""
+    return JobConfig(
+        name="test", seed=seed,
+        model=ModelConfig(hidden=list(hidden), keep_prob_input=keep[0], keep_prob_hidden=keep[1]),
+        data=DataConfig(global_batch_size=batch),
+        optimizer=OptimizerConfig(name=OptimizerName(optimizer), learning_rate=learning_rate),
+        train=TrainConfig(steps=steps, log_every_steps=10, eval_every_steps=eval_every),
+        workers=WorkersConfig(workers, workers),
+        resources=ResourcesConfig(cpus_per_worker=0.25),
+        checkpoint=CheckpointConfig(dir=directory, save_every_steps=save_every, async_save=async_save,
+                                    max_to_keep=max_to_keep, fsync=False),
+        fault_tolerance=FaultToleranceConfig(step_timeout_s=step_timeout_s),
+        resume=resume,
+    )
+
+
+def with_changes(config: JobConfig, **groups) -> JobConfig:
+    """``with_changes(cfg, train={"steps": 5}, resume="never")``."""
+    changes = {}
+    for key, value in groups.items():
+        current = getattr(config, key)
+        changes[key] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+    return dataclasses.replace(config, **changes)
+
+
+def worker_state(coordinator, timeout: float = RAY_TIMEOUT_S) -> dict[str, np.ndarray]:
+    """Every variable and slot of the job, gathered from the owners (host copies)."""
+    import ray
+
+    merged: dict[str, np.ndarray] = {}
+    for part in ray.get([w.host_state.remote() for w in coordinator.workers], timeout=timeout):
+        assert not set(part) & set(merged), "a tensor has two owners"
+        merged.update(part)
+    return merged
+
+
+def assert_bit_identical(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert actual[name].shape == expected[name].shape, name
+        assert actual[name].tobytes() == expected[name].tobytes(), f"{name} differs"
+
+
+@pytest.fixture
+def run_coordinator(ray_session):
+    """Start coordinators and shut every one of them down after the test."""
+    from orchestrator.cluster.coordinator import Coordinator
+
+    started = []
+
+    def start(config, **kwargs):
+        coordinator = Coordinator(config, **kwargs)
+        started.append(coordinator)
+        coordinator.start()
+        return coordinator
+
+    yield start
+    for coordinator in started:
+        coordinator.shutdown()

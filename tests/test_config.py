@@ -1,0 +1,285 @@
+"""Job config loading: every malformed config gives ONE located error and exit 2, writing nothing.
+
+The table runs the real CLI in a subprocess (``python -m orchestrator.cli validate``), the
+way an operator meets these errors. A line ending in ``#<`` in a case's YAML is the line
+the error must point at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import (
+    ConfigError, Device, JobConfig, OptimizerName, Secret, WorkersConfig, dump_config, load_config,
+    parse_options, redact,
+)
+from orchestrator.exit_codes import EXIT_BAD_INPUT
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+name: job
+run_dir: {tmp}/run
+model:
+  hidden: [32, 32]
+train:
+  steps: 50
+workers: 2
+checkpoint:
+  dir: {tmp}/ckpt
+  save_every_steps: 10
+"""
+
+# (id, yaml text or None for GOOD, overrides, expected message substring)
+CASES = [
+    ("unknown-top-level", GOOD + "optimiser:  #<\n  name: sgd\n", [], "optimiser: unknown key; did you mean 'optimizer'?"),
+    ("unknown-nested", GOOD.replace("  hidden: [32, 32]", "  hiden: [32, 32]  #<"), [],
+     "model.hiden: unknown key; did you mean 'hidden'?"),
+    ("key-in-wrong-group", GOOD + "steps: 10  #<\n", [], "steps: unknown key; did you mean 'train.steps'?"),
+    ("int-wrong-type", GOOD.replace("  steps: 50", "  steps: ten  #<"), [],
+     "train.steps: expected an integer, got string 'ten'"),
+    ("int-given-float", GOOD + "seed: 1.5  #<\n", [], "seed: expected an integer, got number 1.5"),
+    ("float-wrong-type", GOOD + "optimizer:\n  learning_rate: fast  #<\n", [],
+     "optimizer.learning_rate: expected a number, got string 'fast'"),
+    ("bool-wrong-type", GOOD + "  async_save: maybe  #<\n", [],
+     "checkpoint.async_save: expected a boolean (true/false), got string 'maybe'"),
+    ("string-wrong-type", GOOD.replace("name: job", "name: 123  #<"), [], "name: expected a string, got integer 123"),
+    ("enum-unknown", GOOD + "device: tpu  #<\n", [], "device: must be one of cpu, gpu, auto (got 'tpu')"),
+    ("enum-typo", GOOD + "optimizer:\n  name: rmsprp  #<\n", [], "did you mean 'rmsprop'?"),
+    ("lr-out-of-range", GOOD + "optimizer:\n  learning_rate: -0.1  #<\n", [],
+     "optimizer.learning_rate: must be > 0 (got -0.1)"),
+    ("keep-prob-out-of-range", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]\n  keep_prob_input: 1.5  #<"), [],
+     "model.keep_prob_input: must be in (0, 1] (got 1.5)"),
+    ("workers-zero", GOOD.replace("workers: 2", "workers: 0  #<"), [], "workers: must be >= 1 (got 0)"),
+    ("workers-min-above-max", GOOD.replace("workers: 2", "workers:\n  min: 4  #<\n  max: 2"), [],
+     "workers.min: must be <= workers.max (4 > 2)"),
+    ("workers-wrong-type", GOOD.replace("workers: 2", "workers: many  #<"), [],
+     "workers: expected an integer or {min: N, max: M}"),
+    ("missing-name", GOOD.replace("name: job\n", "#<\n"), [], "name: missing required key"),
+    ("missing-checkpoint-dir", GOOD.replace("checkpoint:", "checkpoint:  #<").replace("  dir: {tmp}/ckpt\n", ""), [],
+     "checkpoint.dir: missing required key"),
+    ("missing-checkpoint-group", "#<\n" + GOOD.split("checkpoint:")[0], [], "checkpoint: missing required key"),
+    ("hidden-negative", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, -1]  #<"), [],
+     "model.hidden: must be a list of integers > 0"),
+    ("hidden-not-a-list", GOOD.replace("  hidden: [32, 32]", "  hidden: 64  #<"), [],
+     "model.hidden: expected a list, got integer 64"),
+    ("group-not-a-mapping", GOOD + "optimizer: adam  #<\n", [], "optimizer: expected a mapping of keys, got string 'adam'"),
+    ("env-var-unset", GOOD + "  storage_options:\n    key: ${ORCH_TEST_UNSET_VAR}  #<\n", [],
+     "checkpoint.storage_options.key: environment variable ORCH_TEST_UNSET_VAR is not set"),
+    ("env-ref-malformed", GOOD + "  storage_options:\n    key: ${ORCH_TEST_VAR  #<\n", [], "malformed reference"),
+    ("checkpointing-off", GOOD.replace("  save_every_steps: 10", "  save_every_steps: 0  #<"), [],
+     "checkpoint.save_every_steps: checkpointing is off"),
+    ("keep-best-without-metric", GOOD + "  keep_best: 2  #<\n", [], "checkpoint.keep_best: needs checkpoint.best_metric"),
+    ("mnist-without-path", GOOD + "data:\n  dataset: mnist  #<\n", [], "data.path: dataset mnist needs data.path"),
+    ("max-failures-below-minus-one", GOOD + "fault_tolerance:\n  max_failures: -2  #<\n", [],
+     "fault_tolerance.max_failures: must be >= -1 (got -2)"),
+    ("step-timeout-zero", GOOD + "fault_tolerance:\n  step_timeout_s: 0  #<\n", [],
+     "fault_tolerance.step_timeout_s: must be > 0 (got 0.0)"),
+    ("null-for-required-type", GOOD + "seed: null  #<\n", [], "seed: must not be null (expected an integer)"),
+    ("duplicate-key", GOOD + "seed: 1\nseed: 2  #<\n", [], "seed: duplicate key"),
+    ("yaml-syntax-error", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]]  #<"), [], "invalid YAML"),
+    ("top-level-not-mapping", "- name: job  #<\n", [], "the top level must be a mapping"),
+    ("set-wrong-type", None, ["train.steps=abc"], "--set train.steps=abc: train.steps: expected an integer"),
+    ("set-unknown-key", None, ["model.hidden_units=[4]"], "--set model.hidden_units=[4]: model.hidden_units: unknown key"),
+    ("set-out-of-range", None, ["checkpoint.max_to_keep=-1"], "--set checkpoint.max_to_keep=-1: checkpoint.max_to_keep: must be >= 0"),
+    ("set-without-equals", None, ["train.steps"], "--set train.steps: expected KEY=VALUE"),
+]
+
+
+def _write_case(tmp_path: Path, text: str | None) -> tuple[Path, int | None]:
+    text = (text or GOOD).replace("{tmp}", str(tmp_path))
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    marked = [i + 1 for i, line in enumerate(text.splitlines()) if line.rstrip().endswith("#<")]
+    return path, (marked[0] if marked else None)
+
+
+def _run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_good_config_validates(tmp_path):
+    path, _ = _write_case(tmp_path, None)
+    proc = _run_cli("validate", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK: job: mlp 32-32 on digits, 2 worker(s), 50 steps")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("case_id, text, overrides, expected", CASES, ids=[c[0] for c in CASES])
+def test_malformed_config_gives_one_located_error(tmp_path, case_id, text, overrides, expected):
+    path, line = _write_case(tmp_path, text)
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = _run_cli("validate", str(path), *sets, cwd=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert expected in lines[0]
+    where = f"{path}:{line}:" if line else ("--set " if overrides else str(path))
+    assert lines[0].startswith(f"error: {where}"), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+@pytest.mark.parametrize("case_id", ["unknown-nested", "lr-out-of-range", "env-var-unset", "set-wrong-type"])
+def test_train_with_bad_config_starts_and_writes_nothing(tmp_path, case_id):
+    _, text, overrides, expected = next(c for c in CASES if c[0] == case_id)
+    path, _ = _write_case(tmp_path, text)
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = _run_cli("train", str(path), *sets, cwd=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert expected in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_missing_config_file_is_bad_input(tmp_path):
+    proc = _run_cli("validate", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "nope.yaml: config file not found" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- in-process behaviour
+def _load(tmp_path, text=None, overrides=(), environ=None):
+    path, _ = _write_case(tmp_path, text)
+    return load_config(path, list(overrides), environ=environ or {})
+
+
+def test_defaults_and_normalisation(tmp_path):
+    cfg = _load(tmp_path, GOOD.replace("run_dir: {tmp}/run\n", "").replace("workers: 2\n", ""))
+    assert cfg.run_dir == os.path.join("runs", "job")
+    assert cfg.workers == WorkersConfig(min=2, max=2)
+    assert cfg.optimizer.name is OptimizerName.RMSPROP and cfg.optimizer.learning_rate == 0.001
+    assert cfg.resources.gpus_per_worker == 0.0
+    assert _load(tmp_path, GOOD + "device: gpu\n").resources.gpus_per_worker == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 3  # type: ignore[misc]
+
+
+def test_workers_forms(tmp_path):
+    assert _load(tmp_path, GOOD.replace("workers: 2", "workers: {min: 1, max: 4}")).workers == WorkersConfig(1, 4)
+    assert _load(tmp_path, overrides=["workers.max=4"]).workers == WorkersConfig(2, 4)
+    assert _load(tmp_path, overrides=["workers={min: 2, max: 3}"]).workers == WorkersConfig(2, 3)
+
+
+def test_overrides_follow_yaml_scalar_rules(tmp_path):
+    cfg = _load(tmp_path, overrides=["train.steps=500", "model.hidden=[8, 16]", "checkpoint.async_save=false",
+                                     "checkpoint.save_every_secs=2.5", "device=auto", "cluster.address=auto"])
+    assert cfg.train.steps == 500 and cfg.model.hidden == [8, 16]
+    assert cfg.checkpoint.async_save is False and cfg.checkpoint.save_every_secs == 2.5
+    assert cfg.device is Device.AUTO and cfg.cluster.address == "auto"
+
+
+def test_error_carries_file_line_and_key(tmp_path):
+    text = GOOD.replace("  steps: 50", "  steps: -5  #<")
+    path, line = _write_case(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [], environ={})
+    assert (info.value.file, info.value.line, info.value.key) == (str(path), line, "train.steps")
+    assert isinstance(info.value, ValueError)
+    assert pickle.loads(pickle.dumps(info.value)).line == line
+
+
+SECRET_YAML = GOOD + """\
+  storage_options:
+    key: ${ORCH_KEY}
+    secret: ${oc.env:ORCH_SECRET}
+    token: ${oc.env:ORCH_TOKEN,fallback-token-value}
+    client_kwargs:
+      endpoint_url: http://${ORCH_HOST}:9000
+seed: ${ORCH_SEED}
+"""
+
+SECRET_ENV = {"ORCH_KEY": "AKIA-very-secret-key", "ORCH_SECRET": "s3cr3t-value-xyz", "ORCH_HOST": "minio.internal",
+              "ORCH_SEED": "7"}
+
+
+def test_env_references_resolve_and_stay_secret(tmp_path):
+    cfg = _load(tmp_path, SECRET_YAML, environ=SECRET_ENV)
+    opts = cfg.checkpoint.storage_options
+    assert opts["key"] == "AKIA-very-secret-key" and isinstance(opts["key"], Secret)
+    assert opts["secret"] == "s3cr3t-value-xyz"
+    assert opts["token"] == "fallback-token-value"
+    assert opts["client_kwargs"]["endpoint_url"] == "http://minio.internal:9000"
+    assert cfg.seed == 7
+    shown = repr(cfg) + str(cfg) + dump_config(cfg)
+    for value in ("AKIA-very-secret-key", "s3cr3t-value-xyz", "minio.internal"):
+        assert value not in shown
+    assert "${ORCH_KEY}" in dump_config(cfg) and "${oc.env:ORCH_SECRET}" in repr(cfg)
+    assert redact("auth with AKIA-very-secret-key ok") == "auth with *** ok"
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_dump_round_trips_through_load(tmp_path):
+    cfg = _load(tmp_path, SECRET_YAML, environ=SECRET_ENV)
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped, [], environ=SECRET_ENV) == cfg
+    assert yaml.safe_load(dumped.read_text())["checkpoint"]["storage_options"]["key"] == "${ORCH_KEY}"
+
+
+def test_parse_options_nests_dotted_keys(monkeypatch):
+    monkeypatch.setenv("ORCH_OPT_KEY", "opt-secret-1234")
+    opts = parse_options(["client_kwargs.endpoint_url=http://127.0.0.1:9", "anon=true", "key=${ORCH_OPT_KEY}"])
+    assert opts == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True, "key": "opt-secret-1234"}
+    assert "opt-secret-1234" not in repr(opts)
+    with pytest.raises(ConfigError, match="--storage-option bad: expected KEY=VALUE"):
+        parse_options(["bad"])
+
+
+def test_shipped_configs_validate(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-shipped-config-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shipped-config-secret")
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"quickstart.yaml", "mnist_mlp.yaml", "s3_checkpoints.yaml", "gpu.yaml",
+                                        "cluster.yaml"}
+    for path in configs:
+        overrides = ["data.path=/data/mnist"] if path.name == "mnist_mlp.yaml" else []
+        cfg = load_config(path, overrides)
+        assert isinstance(cfg, JobConfig) and cfg.name
+
+
+def _gen_config_doc():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config_doc", REPO / "scripts" / "gen_config_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_doc_is_generated_from_the_schema():
+    gen = _gen_config_doc()
+    assert (REPO / "docs" / "config.md").read_text() == gen.render(), \
+        "docs/config.md is stale: run python scripts/gen_config_doc.py"
+
+
+def test_config_doc_lists_every_schema_key():
+    import typing
+
+    text = (REPO / "docs" / "config.md").read_text()
+    hints = typing.get_type_hints(JobConfig)
+    for f in dataclasses.fields(JobConfig):
+        inner = dataclasses.fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else []
+        keys = [f"{f.name}.{sub.name}" for sub in inner] or [f.name]
+        for key in keys:
+            assert f"| `{key}` |" in text, key
+
+
+def test_env_values_outside_storage_options_are_plain_but_dump_as_references(tmp_path):
+    text = GOOD.replace("name: job", "name: job\ndata:\n  dataset: mnist\n  path: ${oc.env:ORCH_DATA,/data/mnist}")
+    cfg = _load(tmp_path, text, environ={"ORCH_DATA": "/mnt/datasets/mnist-idx"})
+    assert cfg.data.path == "/mnt/datasets/mnist-idx" and not isinstance(cfg.data.path, Secret)
+    assert "/mnt/datasets/mnist-idx" in repr(cfg)  # a path is not a credential: logs may show it
+    assert redact("reading /mnt/datasets/mnist-idx") == "reading /mnt/datasets/mnist-idx"
+    assert yaml.safe_load(dump_config(cfg))["data"]["path"] == "${oc.env:ORCH_DATA,/data/mnist}"
+    assert _load(tmp_path, text).data.path == "/data/mnist"  # the default when unset
