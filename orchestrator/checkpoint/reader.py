@@ -9,7 +9,7 @@ Nothing here unpickles or executes anything from the checkpoint.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,7 +26,8 @@ from orchestrator.checkpoint.protos import BundleEntryProto, BundleHeaderProto
 from orchestrator.checkpoint.storage import Storage
 
 CONSUMER_VERSION = 1  # we read what TF's BundleReader reads (kTensorBundleVersion)
-READ_CHUNK = 8 * 1024 * 1024  # local reads above 2 chunks overlap I/O and CRC
+READ_CHUNK = 2 * 1024 * 1024  # local reads of 2 chunks or more overlap the read and the CRC
+MIN_TAIL_CHUNK = 256 * 1024
 MAX_RANK = 64  # numpy's limit; TF's own is higher but no real checkpoint comes close
 _LITTLE = BundleHeaderProto.Endianness.Value("LITTLE")
 
@@ -218,9 +219,9 @@ class CheckpointReader:
 def _read_range(storage: Storage, path: str, offset: int, size: int) -> tuple[np.ndarray, int]:
     """Read one byte range into a fresh writable buffer; return it with its CRC32C.
 
-    On local disk the bytes go straight into the array (no intermediate copy), and big
-    ranges are read in chunks by a helper thread while this one checksums the chunks
-    already read, so the CRC costs almost no extra time.
+    On local disk the bytes go straight into the array (no intermediate copy), and for
+    big ranges a helper thread checksums the chunks already read while this one reads
+    on, so the CRC costs little extra time when a core is free.
     """
     if size == 0:
         return np.empty(0, dtype=np.uint8), 0
@@ -230,24 +231,67 @@ def _read_range(storage: Storage, path: str, offset: int, size: int) -> tuple[np
     buf = np.empty(size, dtype=np.uint8)
     with storage.open_read(path) as f:
         f.seek(offset)
-        if size < 2 * READ_CHUNK:
+        if size < 2 * READ_CHUNK or not crc.releases_gil():
             filled = _readinto_fully(f, memoryview(buf))
             return buf[:filled], crc.crc32c(buf[:filled])
         return _read_and_checksum(f, buf)
 
 
+class _RunningCrc:
+    """A CRC32C extended chunk by chunk, in order (by one thread at a time)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def extend(self, chunk: np.ndarray) -> None:
+        self.value = crc.extend(self.value, chunk)
+
+
 def _read_and_checksum(f, buf: np.ndarray) -> tuple[np.ndarray, int]:
-    """Chunked read on one helper thread (it releases the GIL) overlapped with the CRC here."""
+    """Read in chunks here while a helper thread checksums the chunks already read.
+
+    The read and the native CRC both release the GIL, so with a free core they run in
+    parallel. The CRC work the helper has not started when the read ends is taken back
+    and done here, so on a busy machine this costs no more than read-then-checksum.
+    """
     view = memoryview(buf)
-    starts = range(0, buf.nbytes, READ_CHUNK)
-    running, filled = 0, 0
-    with ThreadPoolExecutor(max_workers=1) as io:
-        reads = [io.submit(_readinto_fully, f, view[s:s + READ_CHUNK]) for s in starts]
-        for start, pending in zip(starts, reads):
-            got = pending.result()
-            running = crc.extend(running, buf[start:start + got])
+    running = _RunningCrc()
+    queued: list[tuple[Future, np.ndarray]] = []
+    filled = 0
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        while filled < buf.nbytes:
+            wanted = _next_chunk(buf.nbytes - filled)
+            got = _readinto_fully(f, view[filled:filled + wanted])
+            chunk = buf[filled:filled + got]
+            queued.append((helper.submit(running.extend, chunk), chunk))
             filled += got
-    return buf[:filled], running
+            if got < wanted:
+                break  # end of file: the caller reports the short read
+        leftovers = _take_back_unstarted(queued)
+    for chunk in leftovers:
+        running.extend(chunk)
+    return buf[:filled], running.value
+
+
+def _next_chunk(remaining: int) -> int:
+    """READ_CHUNK, halving towards the end: the last chunk's CRC is the part nothing overlaps."""
+    return min(remaining, READ_CHUNK, max(remaining // 2, MIN_TAIL_CHUNK))
+
+
+def _take_back_unstarted(queued: list[tuple[Future, np.ndarray]]) -> list[np.ndarray]:
+    """Cancel the helper's tasks that have not started and wait for the others.
+
+    One worker runs the tasks in submission order, so the unstarted ones are a suffix:
+    cancelling from the end stops at the first task already started, and every chunk
+    before it has been checksummed once that one finishes.
+    """
+    leftovers = []
+    for future, chunk in reversed(queued):
+        if not future.cancel():
+            future.result()
+            break
+        leftovers.append(chunk)
+    return leftovers[::-1]
 
 
 def _readinto_fully(f, view: memoryview) -> int:
