@@ -41,8 +41,8 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -74,7 +74,14 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-class _BriefFormatter(logging.Formatter):
+class _RedactingFormatter(logging.Formatter):
+    """Redacts the formatted text too: the filter only sees the message, not the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _BriefFormatter(_RedactingFormatter):
     """Console lines without tracebacks (they go to train.log); leaves the record intact."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -98,9 +105,9 @@ def _setup_logging(cfg: JobConfig) -> list[logging.Handler]:
     level = getattr(logging, cfg.logging.level.value.upper())
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(max(level, logging.WARNING) if _live_progress(cfg) else level)
-    console.setFormatter(logging.Formatter(_LOG_FORMAT) if level <= logging.DEBUG else _BriefFormatter(_LOG_FORMAT))
+    console.setFormatter(_RedactingFormatter(_LOG_FORMAT) if level <= logging.DEBUG else _BriefFormatter(_LOG_FORMAT))
     logfile = logging.FileHandler(os.path.join(cfg.run_dir, LOG_FILE))
-    logfile.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logfile.setFormatter(_RedactingFormatter(_LOG_FORMAT))
     root = logging.getLogger()
     for handler in (console, logfile):
         handler.addFilter(_RedactFilter())
@@ -314,10 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, _BadInput) as exc:
-        _error(str(exc))
-        return EXIT_BAD_INPUT
-    except FileNotFoundError as exc:
+    except (ConfigError, _BadInput, FileNotFoundError) as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT
     except Exception as exc:  # any other failure: one line, exit 1

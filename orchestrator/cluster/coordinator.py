@@ -31,11 +31,11 @@ import ray.exceptions
 from orchestrator.checkpoint import commit as commit_lib
 from orchestrator.checkpoint import state as state_lib
 from orchestrator.checkpoint.errors import CheckpointError
-from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe
 from orchestrator.cluster.collectives import Collective, make_collective
 from orchestrator.cluster.errors import CheckpointSaveError, RestoreError, WorkerFailedError
+from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
 
@@ -145,19 +145,11 @@ class Coordinator:
         self._last_save_time = clock()
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
         self.eval_policy = EvalPolicy(config.train.eval_every_steps)
-        self.manager = self._make_manager()
+        self.manager = recipe.checkpoint_manager(config)
 
     # ------------------------------------------------------------------ setup
     def _uses_gpu(self) -> bool:
         return recipe.plain(self.config.device) == "gpu"
-
-    def _make_manager(self) -> CheckpointManager:
-        ckpt = self.config.checkpoint
-        return CheckpointManager(
-            ckpt.dir, max_to_keep=ckpt.max_to_keep or None,
-            keep_checkpoint_every_n_hours=ckpt.keep_checkpoint_every_n_hours,
-            best_metric=ckpt.best_metric, best_mode=recipe.plain(ckpt.best_mode), keep_best=ckpt.keep_best,
-            storage_options=dict(ckpt.storage_options or {}), fsync=ckpt.fsync)
 
     @property
     def worker_node_ids(self) -> list[str]:
@@ -168,9 +160,8 @@ class Coordinator:
         return float(self.config.fault_tolerance.step_timeout_s)
 
     def _actor_options(self) -> dict:
-        res = self.config.resources
-        gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if self._uses_gpu() else 0)
-        return {"num_cpus": res.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0}
+        shape = worker_shape(self.config)  # the same per-worker resources the scaling policy counts
+        return {"num_cpus": shape.cpus, "num_gpus": shape.gpus, "max_restarts": 0}
 
     def start(self) -> None:
         """Create the M actors, restore from a checkpoint when ``resume`` says so."""
@@ -195,7 +186,7 @@ class Coordinator:
             return None
         if self.resume == "auto":
             return self.manager.latest_checkpoint
-        options = dict(self.config.checkpoint.storage_options or {})
+        options = recipe.checkpoint_options(self.config)
         storage, path = Storage.for_path(self.resume, options)
         if storage.exists(commit_lib.index_path(path)):
             return path
@@ -242,8 +233,9 @@ class Coordinator:
         """One global step on every worker, then the eval/save decisions for the new step."""
         step, started = self.global_step, self.clock()
         handles = self.collective.train_step(step)
-        self._wait_refs(handles.pending, step, self.step_timeout, "training")
-        per_rank = self._get_all(handles.metrics, self.step_timeout, "reporting metrics", step)
+        values = self._wait_refs(handles.pending, step, self.step_timeout, "training")
+        by_ref = {ref.hex(): value for (_, ref), value in zip(handles.pending, values)}
+        per_rank = [by_ref[ref.hex()] for ref in handles.metrics]  # the metrics refs are among pending
         self.global_step = step + 1
         self.metrics = aggregate_metrics(per_rank, self.clock() - started)
         self._report_step()
@@ -366,7 +358,7 @@ class Coordinator:
     def _drop_save(self, pending: _InFlightSave, results: Sequence[Any], failures: dict[int, str]) -> None:
         """A shard failed: remove the shards that were written; the previous checkpoint stays latest."""
         error = CheckpointSaveError(pending.record.step, failures)
-        storage, _ = Storage.for_path(self.config.checkpoint.dir, dict(self.config.checkpoint.storage_options or {}))
+        storage, _ = Storage.for_path(self.config.checkpoint.dir, recipe.checkpoint_options(self.config))
         commit_lib.remove_data(results, storage)
         pending.record.error = str(error)
         pending.record.total_s = self.clock() - pending.started
@@ -385,10 +377,16 @@ class Coordinator:
             self.manager.cleanup_uncommitted()  # whatever a dead worker left behind
 
     # ------------------------------------------------------------------ waiting
-    def _wait_refs(self, pending: Sequence[tuple[int, Any]], step: int, timeout: float, doing: str) -> None:
-        """Wait for every (rank, ref); the first failure in submission order wins, then timeouts."""
+    def _wait_refs(self, pending: Sequence[tuple[int, Any]], step: int, timeout: float, doing: str) -> list:
+        """The values of every (rank, ref), in order; the first failure in submission order wins,
+        then timeouts."""
         refs = [ref for _, ref in pending]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+        if len(ready) == len(refs):
+            try:  # the common case: one batched get per wait, not one get per ref
+                return ray.get(refs, timeout=CONTROL_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                pass  # find the rank at fault below
         ready_ids = {r.hex() for r in ready}
         for rank, ref in pending:  # compute refs come before apply refs: the root cause first
             if ref.hex() in ready_ids:
@@ -397,6 +395,7 @@ class Coordinator:
             if ref.hex() not in ready_ids:
                 raise WorkerFailedError(rank, f"no answer within {timeout:g} s while {doing} "
                                               f"(fault_tolerance.step_timeout_s={self.step_timeout:g})", step)
+        return ray.get(refs, timeout=CONTROL_TIMEOUT_S)  # every ref succeeded on its own
 
     def _raise_if_failed(self, rank: int, ref: Any, step: int) -> None:
         try:
@@ -409,8 +408,7 @@ class Coordinator:
     def _get_all(self, refs: Sequence[Any], timeout: float, doing: str, step: int | None = None) -> list:
         """``ray.get`` of one ref per rank, failures mapped to ``WorkerFailedError``."""
         step = self.global_step if step is None else step
-        self._wait_refs(list(enumerate(refs)), step, timeout, doing)
-        return ray.get(list(refs), timeout=timeout)
+        return self._wait_refs(list(enumerate(refs)), step, timeout, doing)
 
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
@@ -420,7 +418,8 @@ class Coordinator:
         try:
             if self._in_flight is not None:
                 self.finish_save()
-        except WorkerFailedError:
+        except Exception as exc:  # a dead worker or a storage error: abandon, and never mask the caller's error
+            log.warning("shutdown: the in-flight save is abandoned (%s: %s)", type(exc).__name__, exc)
             self._abandon_in_flight()
         finally:
             for worker in self.workers:

@@ -21,6 +21,7 @@ import os
 import ray
 
 from orchestrator.checkpoint.storage import Storage
+from orchestrator.cluster import recipe
 from orchestrator.cluster.coordinator import JobResult
 from orchestrator.cluster.errors import ClusterSetupError
 from orchestrator.cluster.supervisor import Supervisor
@@ -65,7 +66,7 @@ def connect(config) -> bool:
 def check_shared_storage(config) -> None:
     """Reject checkpoint directories the workers cannot all reach (before anything starts)."""
     directory = config.checkpoint.dir
-    storage, _ = Storage.for_path(directory, dict(config.checkpoint.storage_options or {}))
+    storage, _ = Storage.for_path(directory, recipe.checkpoint_options(config))
     if storage.protocol == "memory":
         raise ClusterSetupError(
             f"checkpoint.dir {directory!r}: memory:// is private to each process, so Ray workers "

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Callable, Iterable
 
+from orchestrator.cluster.scaling_policy import draining_node_ids
+
 logger = logging.getLogger(__name__)
 
 NodeIdsFn = Callable[[], Iterable[str]]
@@ -47,7 +49,8 @@ class PreemptionWatcher:
         self._reason: str | None = None
         self._requested_at: float | None = None
         self._next_poll = float("-inf")
-        self._lock = threading.Lock()
+        # reentrant: the signal handler runs in the main thread, possibly while it holds the lock
+        self._lock = threading.RLock()
 
     @property
     def reason(self) -> str | None:
@@ -105,19 +108,9 @@ class PreemptionWatcher:
         if self.notice_file and os.path.exists(self.notice_file):
             self.request(f"preemption notice file {self.notice_file} exists")
             return
-        if self.worker_node_ids is not None:
-            draining = _draining_worker_nodes(self.worker_node_ids)
-            if draining:
-                self.request(f"Ray is draining node(s) {', '.join(sorted(draining))} "
-                             "hosting workers")
-
-
-def _draining_worker_nodes(worker_node_ids: NodeIdsFn) -> set[str]:
-    try:
-        from ray._private import state as ray_state
-
-        draining = set(ray_state.state.get_draining_nodes())
-        return draining & set(worker_node_ids())
-    except Exception as exc:  # Ray not connected, or no draining query in this version
-        logger.debug("could not query Ray draining nodes: %s", exc)
-        return set()
+        if self.worker_node_ids is None:
+            return
+        draining = draining_node_ids()
+        ours = draining & set(self.worker_node_ids()) if draining else set()
+        if ours:
+            self.request(f"Ray is draining node(s) {', '.join(sorted(ours))} hosting workers")

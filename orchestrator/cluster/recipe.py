@@ -1,13 +1,16 @@
 """Config -> engine objects, shared by every worker (and by tests that train in one process).
 
 Everything a worker builds is a pure function of the job config, so M workers that
-each call these functions hold identical models, datasets and samplers.
+each call these functions hold identical models, datasets and samplers. The driver
+side (coordinator, supervisor) builds its ``CheckpointManager`` here too, so both see
+the same retention settings.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.engine import data as data_lib
 from orchestrator.engine import models as models_lib
 from orchestrator.engine import optimizers as optimizers_lib
@@ -19,6 +22,21 @@ _HYPERPARAMETERS = ("momentum", "decay", "beta1", "beta2", "epsilon")
 def plain(value: Any) -> Any:
     """The value of a str Enum member, or the value itself."""
     return getattr(value, "value", value)
+
+
+def checkpoint_options(config) -> dict[str, Any]:
+    """The fsspec options of ``checkpoint.dir`` as a fresh dict (may hold Secrets)."""
+    return dict(config.checkpoint.storage_options or {})
+
+
+def checkpoint_manager(config) -> CheckpointManager:
+    """A manager of the job's checkpoint directory with the job's retention settings."""
+    ckpt = config.checkpoint
+    return CheckpointManager(
+        ckpt.dir, max_to_keep=ckpt.max_to_keep or None,
+        keep_checkpoint_every_n_hours=ckpt.keep_checkpoint_every_n_hours,
+        best_metric=ckpt.best_metric, best_mode=plain(ckpt.best_mode), keep_best=ckpt.keep_best,
+        storage_options=checkpoint_options(config), fsync=ckpt.fsync)
 
 
 def load_data(config) -> "data_lib.Dataset":

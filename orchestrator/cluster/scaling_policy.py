@@ -151,12 +151,8 @@ def worker_shape(config) -> WorkerShape:
     """The per-worker resources of a ``JobConfig`` (gpus null => 1 on gpu, else 0)."""
     gpus = config.resources.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if _device_name(config.device) == "gpu" else 0.0
+        gpus = 1.0 if getattr(config.device, "value", config.device) == "gpu" else 0.0
     return WorkerShape(cpus=float(config.resources.cpus_per_worker), gpus=float(gpus))
-
-
-def _device_name(device) -> str:
-    return getattr(device, "value", device)
 
 
 def probe_ray_capacity() -> list[NodeCapacity]:
@@ -166,18 +162,19 @@ def probe_ray_capacity() -> list[NodeCapacity]:
     """
     from ray._private import state as ray_state  # developer API: per-node free resources
 
-    draining = _draining_node_ids()
+    draining = draining_node_ids()
     free = ray_state.available_resources_per_node()
     return [NodeCapacity(node_id=node_id, cpus=float(res.get("CPU", 0.0)),
                          gpus=float(res.get("GPU", 0.0)), draining=node_id in draining)
             for node_id, res in free.items()]
 
 
-def _draining_node_ids() -> set[str]:
-    from ray._private import state as ray_state
-
+def draining_node_ids() -> set[str]:
+    """Hex ids of the nodes Ray is draining; empty when the query is unavailable."""
     try:
+        from ray._private import state as ray_state
+
         return set(ray_state.state.get_draining_nodes())
-    except Exception as exc:  # older/newer Ray without the GCS draining query
-        logger.debug("could not query draining nodes: %s", exc)
+    except Exception as exc:  # Ray not connected, or no GCS draining query in this version
+        logger.debug("could not query Ray draining nodes: %s", exc)
         return set()

@@ -29,7 +29,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from orchestrator.checkpoint import commit as commit_lib
-from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.cluster import recipe
 from orchestrator.cluster.errors import ClusterError, WorkerFailedError
 from orchestrator.cluster.failure_policy import DecisionKind, Failure, FailurePolicy
 from orchestrator.cluster.preemption import PreemptionWatcher
@@ -304,7 +304,7 @@ class Supervisor:
 
         logger.warning("preempted (%s) between attempts: the latest committed checkpoint "
                        "is the resume point", self.watcher.reason)
-        manager = _manager(self.config)
+        manager = recipe.checkpoint_manager(self.config)
         latest = manager.latest_checkpoint
         step = commit_lib.step_of(latest) if latest else None
         return JobResult(steps_completed=step or 0, final_metrics={},
@@ -336,21 +336,10 @@ def resolve_resume(config, resume: str) -> str:
         return resume
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prefix = _manager(config).restore_or_initialize(None)
+        prefix = recipe.checkpoint_manager(config).restore_or_initialize(None)
     for warning in caught:
         logger.warning("resume: %s", warning.message)
     return prefix if prefix is not None else "never"
-
-
-def _manager(config) -> CheckpointManager:
-    """A manager of the job's checkpoint directory with the job's retention settings."""
-    ckpt = config.checkpoint
-    return CheckpointManager(
-        ckpt.dir, max_to_keep=ckpt.max_to_keep or None,
-        keep_checkpoint_every_n_hours=ckpt.keep_checkpoint_every_n_hours,
-        best_metric=ckpt.best_metric, best_mode=getattr(ckpt.best_mode, "value", ckpt.best_mode),
-        keep_best=ckpt.keep_best, storage_options=dict(ckpt.storage_options or {}),
-        fsync=ckpt.fsync)
 
 
 class JobFailedError(ClusterError):

@@ -208,7 +208,7 @@ class TrainWorker:
     def restore(self, prefix: str) -> dict:
         """Read what this rank owns now (any M wrote it) plus the job records; range reads only."""
         self.saver.finish_previous()
-        reader = CheckpointReader(prefix, dict(self.config.checkpoint.storage_options or {}))
+        reader = CheckpointReader(prefix, recipe.checkpoint_options(self.config))
         self._check_structure(reader, prefix)
         read = []
         for name, array in self.owned_arrays().items():

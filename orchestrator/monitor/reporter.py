@@ -124,11 +124,10 @@ class Reporter:
         """step_time and examples_per_sec from the time between two reported steps."""
         now = self._clock()
         last, self._last_step = self._last_step, (step, now)
-        out = {}
-        if last is not None and step > last[0] and now > last[1]:
-            per_step = (now - last[1]) / (step - last[0])
-            out["examples_per_sec"] = self.global_batch_size / per_step
-            out.setdefault("step_time", per_step)
+        if last is None or step <= last[0] or now <= last[1]:
+            return {}
+        per_step = (now - last[1]) / (step - last[0])
+        out = {"examples_per_sec": self.global_batch_size / per_step, "step_time": per_step}
         return {k: v for k, v in out.items() if k not in scalars}
 
     def _write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -170,8 +169,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} GB"
