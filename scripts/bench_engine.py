@@ -17,11 +17,14 @@ torch is a benchmark-only dependency (the ``bench`` extra).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from orchestrator.engine.backend import BackendUnavailableError, get_backend
 from orchestrator.engine.data import Sampler, make_synthetic
