@@ -9,19 +9,11 @@ their message, so they cross Ray actor boundaries intact.
 
 from __future__ import annotations
 
+from orchestrator.errors import OrchestratorError
 
-class CheckpointError(Exception):
+
+class CheckpointError(OrchestratorError):
     """Base of every error raised by ``orchestrator.checkpoint``."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.message,))
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -7,19 +7,11 @@ Messages name the rank, the step and the cause, and where possible the fix.
 
 from __future__ import annotations
 
+from orchestrator.errors import OrchestratorError
 
-class ClusterError(Exception):
+
+class ClusterError(OrchestratorError):
     """Base of every error raised by ``orchestrator.cluster``."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.message,))
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class WorkerFailedError(ClusterError):
