@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import logging
 import os
@@ -47,6 +48,18 @@ def extend(crc: int, data) -> int:
     return google_crc32c.extend(crc, view)
 
 
+def combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of ``A + B`` from ``crc1 = crc32c(A)``, ``crc2 = crc32c(B)`` and ``len(B)``.
+
+    What lets several threads checksum pieces of one buffer: multiply ``crc1`` by
+    x^(8*len2) modulo the polynomial, then add ``crc2`` (zlib's ``crc32_combine``;
+    the pre- and post-inversion cancel out).
+    """
+    if len2 <= 0:
+        return crc1
+    return _multiply_mod_poly(_x_to_8n(len2), crc1) ^ crc2
+
+
 def releases_gil() -> bool:
     """True when big buffers are checksummed without holding the GIL (native library found)."""
     return _native_extend is not None
@@ -64,6 +77,46 @@ def unmask(masked: int) -> int:
 
 def masked_crc32c(data) -> int:
     return mask(crc32c(data))
+
+
+_POLY_REFLECTED = 0x82F63B78  # Castagnoli, bit-reversed: bit 31 is x^0
+_X0 = 1 << 31  # the polynomial "1" in that representation
+
+
+def _multiply_mod_poly(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both in reflected bit order."""
+    product = 0
+    bit = _X0
+    while bit and a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLY_REFLECTED if b & 1 else b >> 1
+    return product
+
+
+def _powers_of_x() -> list[int]:
+    """x^(2^k) modulo the polynomial for k = 0..63 (x^1 is bit 30)."""
+    powers = [_X0 >> 1]
+    for _ in range(63):
+        powers.append(_multiply_mod_poly(powers[-1], powers[-1]))
+    return powers
+
+
+_X_POWERS = _powers_of_x()
+
+
+@functools.lru_cache(maxsize=256)
+def _x_to_8n(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial; cached, since pieces mostly share a size."""
+    result, k, n = _X0, 3, nbytes
+    while n:
+        if n & 1:
+            result = _multiply_mod_poly(_X_POWERS[k], result)  # k < 64: nbytes < 2**61
+        n >>= 1
+        k += 1
+    return result
 
 
 def _as_uint8(data) -> np.ndarray:

@@ -3,13 +3,18 @@
 Opening a reader reads only the ``.index`` (small) and validates every entry against
 it; data files are touched only when a tensor is asked for, and then only that
 tensor's byte range is fetched, straight into the array's buffer, and its CRC checked.
+Local data files stay open for the reader's life (``close()`` or ``with`` releases
+them), so reading tensor after tensor is one sequential stream to the kernel.
 Nothing here unpickles or executes anything from the checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import os
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,11 +28,10 @@ from orchestrator.checkpoint.errors import (
     UnsupportedVersionError,
 )
 from orchestrator.checkpoint.protos import BundleEntryProto, BundleHeaderProto
-from orchestrator.checkpoint.storage import Storage
+from orchestrator.checkpoint.storage import LocalFile, Storage
 
 CONSUMER_VERSION = 1  # we read what TF's BundleReader reads (kTensorBundleVersion)
-READ_CHUNK = 2 * 1024 * 1024  # local reads of 2 chunks or more overlap the read and the CRC
-MIN_TAIL_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024  # local reads of 2 chunks or more are split over two threads
 MAX_RANK = 64  # numpy's limit; TF's own is higher but no real checkpoint comes close
 _LITTLE = BundleHeaderProto.Endianness.Value("LITTLE")
 
@@ -65,9 +69,22 @@ class CheckpointReader:
         self._storage, self.prefix = Storage.for_path(prefix, storage_options)
         self.index_path = bundle.index_filename(self.prefix)
         self._file_sizes: dict[int, int] = {}
+        self._open_files: dict[int, LocalFile] = {}
+        self._open_lock = threading.Lock()
+        self._closer = weakref.finalize(self, _close_all, self._open_files)
         index = table.Table(self._read_index(), self.index_path)
         self.num_shards, self._entries = _parse_entries(index, self.index_path)
         self._names = _visible_names(self._entries, self.index_path)
+
+    def close(self) -> None:
+        """Release the open data files (also done when the reader is garbage-collected)."""
+        self._closer()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ introspection
     def keys(self) -> list[str]:
@@ -147,12 +164,26 @@ class CheckpointReader:
         if shard_id not in self._file_sizes:
             path = bundle.data_filename(self.prefix, shard_id, self.num_shards)
             try:
-                self._file_sizes[shard_id] = self._storage.size(path)
+                if self._storage.is_local:
+                    self._file_sizes[shard_id] = self._local_file(shard_id).size
+                else:
+                    self._file_sizes[shard_id] = self._storage.size(path)
             except FileNotFoundError:
                 needed = f" (needed for tensor {tensor!r})" if tensor else ""
                 raise CheckpointNotFoundError(
                     f"{path}: data shard {shard_id} of checkpoint {self.prefix} is missing{needed}") from None
         return self._file_sizes[shard_id]
+
+    def _local_file(self, shard_id: int) -> LocalFile:
+        """The shard's data file, opened once and kept open (raises FileNotFoundError)."""
+        with self._open_lock:
+            if not self._closer.alive:
+                raise ValueError(f"checkpoint reader for {self.prefix} is closed")
+            opened = self._open_files.get(shard_id)
+            if opened is None:
+                path = bundle.data_filename(self.prefix, shard_id, self.num_shards)
+                opened = self._open_files[shard_id] = self._storage.open_local(path)
+            return opened
 
     def _read_bytes(self, entry: TensorEntry) -> tuple[np.ndarray, int]:
         """The entry's stored bytes (writable uint8 array, bounds-checked first) and their CRC32C."""
@@ -162,7 +193,10 @@ class CheckpointReader:
             raise CorruptCheckpointError(
                 f"{path}: tensor {entry.name!r} at offset {entry.offset} size {entry.size} "
                 f"extends beyond the file ({file_size} bytes)")
-        buf, checksum = _read_range(self._storage, path, entry.offset, entry.size)
+        if self._storage.is_local:
+            buf, checksum = _read_local(self._local_file(entry.shard_id), entry.offset, entry.size)
+        else:
+            buf, checksum = _read_remote(self._storage, path, entry.offset, entry.size)
         if buf.nbytes != entry.size:
             raise CorruptCheckpointError(
                 f"{path}: tensor {entry.name!r}: read {buf.nbytes} of {entry.size} bytes (file truncated?)")
@@ -216,92 +250,129 @@ class CheckpointReader:
 
 
 # ---------------------------------------------------------------------------- data reads
-def _read_range(storage: Storage, path: str, offset: int, size: int) -> tuple[np.ndarray, int]:
-    """Read one byte range into a fresh writable buffer; return it with its CRC32C.
+def _close_all(files: dict[int, LocalFile]) -> None:
+    for opened in files.values():
+        opened.close()
+    files.clear()
 
-    On local disk the bytes go straight into the array (no intermediate copy), and for
-    big ranges a helper thread checksums the chunks already read while this one reads
-    on, so the CRC costs little extra time when a core is free.
-    """
+
+def _read_remote(storage: Storage, path: str, offset: int, size: int) -> tuple[np.ndarray, int]:
+    """One ranged request (object stores, memory://); the bytes and their CRC32C."""
     if size == 0:
         return np.empty(0, dtype=np.uint8), 0
-    if not storage.is_local:
-        buf = np.frombuffer(bytearray(storage.read_range(path, offset, size)), dtype=np.uint8)
-        return buf, crc.crc32c(buf)
+    buf = np.frombuffer(bytearray(storage.read_range(path, offset, size)), dtype=np.uint8)
+    return buf, crc.crc32c(buf)
+
+
+def _read_local(f: LocalFile, offset: int, size: int) -> tuple[np.ndarray, int]:
+    """Read one byte range of a local file into a fresh writable buffer; return it with its CRC32C.
+
+    The bytes go straight into the array (no intermediate copy); big ranges are read
+    and checksummed in chunks by this thread and the shared helpers together.
+    """
     buf = np.empty(size, dtype=np.uint8)
-    with storage.open_read(path) as f:
-        f.seek(offset)
-        if size < 2 * READ_CHUNK or not crc.releases_gil():
-            filled = _readinto_fully(f, memoryview(buf))
-            return buf[:filled], crc.crc32c(buf[:filled])
-        return _read_and_checksum(f, buf)
+    if size < 2 * READ_CHUNK or not crc.releases_gil():
+        filled = f.readinto(offset, memoryview(buf))
+        return buf[:filled], crc.crc32c(buf[:filled])
+    return _read_and_checksum(f, offset, buf)
 
 
-class _RunningCrc:
-    """A CRC32C extended chunk by chunk, in order (by one thread at a time)."""
+class _SplitRead:
+    """One big range read by several threads: each claims the next chunk, reads it, checksums it.
 
-    def __init__(self) -> None:
-        self.value = 0
-
-    def extend(self, chunk: np.ndarray) -> None:
-        self.value = crc.extend(self.value, chunk)
-
-
-def _read_and_checksum(f, buf: np.ndarray) -> tuple[np.ndarray, int]:
-    """Read in chunks here while a helper thread checksums the chunks already read.
-
-    The read and the native CRC both release the GIL, so with a free core they run in
-    parallel. The CRC work the helper has not started when the read ends is taken back
-    and done here, so on a busy machine this costs no more than read-then-checksum.
+    Each chunk is checksummed right after it is read, while it is still in the CPU's
+    cache, and the chunk CRCs are combined in order at the end, so the copy out of the
+    page cache and the CRC both spread over the cores. Claiming chunks from a shared
+    counter means a busy helper costs nothing: the others simply do its share.
     """
-    view = memoryview(buf)
-    running = _RunningCrc()
-    queued: list[tuple[Future, np.ndarray]] = []
-    filled = 0
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        while filled < buf.nbytes:
-            wanted = _next_chunk(buf.nbytes - filled)
-            got = _readinto_fully(f, view[filled:filled + wanted])
-            chunk = buf[filled:filled + got]
-            queued.append((helper.submit(running.extend, chunk), chunk))
+
+    def __init__(self, f: LocalFile, offset: int, buf: np.ndarray, chunk: int):
+        self._file, self._offset, self._buf = f, offset, buf
+        self._bounds = [(start, min(start + chunk, buf.nbytes)) for start in range(0, buf.nbytes, chunk)]
+        self._done: list[tuple[int, int] | None] = [None] * len(self._bounds)  # (bytes read, crc)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def work(self) -> None:
+        f, offset, buf = self._file, self._offset, self._buf
+        if buf is None:
+            return  # released before this helper task started
+        view = memoryview(buf)
+        while (i := self._claim()) is not None:
+            start, end = self._bounds[i]
+            got = f.readinto(offset + start, view[start:end])
+            self._done[i] = (got, crc.crc32c(buf[start:start + got]))
+
+    def _claim(self) -> int | None:
+        with self._lock:
+            i = self._next
+            self._next += 1
+        return i if i < len(self._bounds) else None
+
+    def release(self) -> None:
+        """Drop the buffer: a finished helper task must not keep the array alive."""
+        self._file = self._buf = None
+        with self._lock:
+            self._next = len(self._bounds)
+
+    def result(self) -> tuple[int, int]:
+        """(bytes read before the first short chunk, their CRC32C)."""
+        filled, checksum = 0, 0
+        for (start, end), (got, piece) in zip(self._bounds, self._done):
+            checksum = crc.combine(checksum, piece, got)
             filled += got
-            if got < wanted:
+            if got < end - start:
                 break  # end of file: the caller reports the short read
-        leftovers = _take_back_unstarted(queued)
-    for chunk in leftovers:
-        running.extend(chunk)
-    return buf[:filled], running.value
+        return filled, checksum
 
 
-def _next_chunk(remaining: int) -> int:
-    """READ_CHUNK, halving towards the end: the last chunk's CRC is the part nothing overlaps."""
-    return min(remaining, READ_CHUNK, max(remaining // 2, MIN_TAIL_CHUNK))
+def _read_and_checksum(f: LocalFile, offset: int, buf: np.ndarray) -> tuple[np.ndarray, int]:
+    """Read and checksum ``buf``'s worth of bytes with this thread and the shared helpers."""
+    job = _SplitRead(f, offset, buf, READ_CHUNK)
+    helpers, count = _read_helpers()
+    tasks = [helpers.submit(job.work) for _ in range(count)]
+    try:
+        job.work()
+    finally:
+        job.release()  # helper tasks that have not started yet will find nothing to do
+        for task in tasks:
+            if not task.cancel():
+                task.result()  # it is mid-chunk: wait, and surface its error if any
+    filled, checksum = job.result()
+    return buf[:filled], checksum
 
 
-def _take_back_unstarted(queued: list[tuple[Future, np.ndarray]]) -> list[np.ndarray]:
-    """Cancel the helper's tasks that have not started and wait for the others.
-
-    One worker runs the tasks in submission order, so the unstarted ones are a suffix:
-    cancelling from the end stops at the first task already started, and every chunk
-    before it has been checksummed once that one finishes.
-    """
-    leftovers = []
-    for future, chunk in reversed(queued):
-        if not future.cancel():
-            future.result()
-            break
-        leftovers.append(chunk)
-    return leftovers[::-1]
+MAX_READ_HELPERS = 3
+_helper_lock = threading.Lock()
+_helper: tuple[ThreadPoolExecutor, int] | None = None
 
 
-def _readinto_fully(f, view: memoryview) -> int:
-    filled = 0
-    while filled < len(view):
-        n = f.readinto(view[filled:])
-        if not n:
-            break
-        filled += n
-    return filled
+def _read_helpers() -> tuple[ThreadPoolExecutor, int]:
+    """Idle-until-needed threads, one per spare core (at least one), shared by every reader."""
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            count = read_threads() - 1
+            _helper = ThreadPoolExecutor(max_workers=count, thread_name_prefix="checkpoint-read"), count
+        return _helper
+
+
+def read_threads() -> int:
+    """Threads a big local read spreads over: the caller plus one helper per spare core (at most 3)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 2
+    return 1 + max(1, min(MAX_READ_HELPERS, cores - 1))
+
+
+def _forget_helper_after_fork() -> None:
+    global _helper, _helper_lock
+    _helper, _helper_lock = None, threading.Lock()  # the parent's thread does not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helper_after_fork)
 
 
 def _decode_strings(buf: np.ndarray, entry: TensorEntry, where: str) -> np.ndarray:

@@ -134,13 +134,13 @@ class ReadCounter:
         self.by_file: collections.Counter[str] = collections.Counter()
         self._wrap(monkeypatch, "read_range", lambda args, out: (args[0], len(out)))
         self._wrap(monkeypatch, "read_bytes", lambda args, out: (args[0], len(out)))
-        original_open = Storage.open_read
+        original_open = Storage.open_local
         counter = self
 
-        def open_read(storage, path, *args, **kwargs):
+        def open_local(storage, path, *args, **kwargs):
             return _CountingFile(original_open(storage, path, *args, **kwargs), path, counter)
 
-        monkeypatch.setattr(Storage, "open_read", open_read)
+        monkeypatch.setattr(Storage, "open_local", open_local)
 
     def _wrap(self, monkeypatch, method, measure):
         original = getattr(Storage, method)
@@ -158,28 +158,18 @@ class ReadCounter:
 
 
 class _CountingFile:
-    """A file object that charges every byte it hands back to the reader."""
+    """An open local file that charges every byte it hands back to the reader."""
 
     def __init__(self, inner, path, counter):
         self._inner, self._path, self._counter = inner, path, counter
+        self.size = inner.size
 
-    def read(self, size=-1):
-        out = self._inner.read(size)
-        self._counter.by_file[self._path] += len(out)
-        return out
-
-    def readinto(self, buffer):
-        n = self._inner.readinto(buffer)
-        self._counter.by_file[self._path] += n or 0
+    def readinto(self, offset, view):
+        n = self._inner.readinto(offset, view)
+        self._counter.by_file[self._path] += n
         return n
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self._inner.close()
 
 

@@ -75,6 +75,20 @@ def test_extend_equals_crc_of_concatenation(a, b):
     assert crc.extend(crc.crc32c(a), b) == crc.crc32c(a + b)
 
 
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_combine_gives_the_crc_of_the_concatenation(a, b):
+    assert crc.combine(crc.crc32c(a), crc.crc32c(b), len(b)) == crc.crc32c(a + b)
+
+
+def test_combine_over_big_and_odd_lengths():
+    rng = np.random.default_rng(4)
+    for len_a, len_b in [(0, 2**20), (2**20, 0), (3, 2**24 + 7), (2**22 + 1, 65537)]:
+        a = rng.integers(0, 256, len_a, dtype=np.uint8)
+        b = rng.integers(0, 256, len_b, dtype=np.uint8)
+        expected = crc.crc32c(np.concatenate([a, b]))
+        assert crc.combine(crc.crc32c(a), crc.crc32c(b), len_b) == expected, (len_a, len_b)
+
+
 def test_crc_accepts_every_buffer_kind_without_changing_the_value():
     array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     expected = crc.crc32c(array.tobytes())
