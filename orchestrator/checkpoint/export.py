@@ -66,7 +66,7 @@ def model_tensors(ckpt: "reader.CheckpointReader", record: Mapping[str, Any]) ->
     missing = [n for n in record["variables"] if not ckpt.has_tensor(n)]
     if missing:
         raise ExportError(f"{ckpt_prefix(ckpt)}: structure lists variables missing from the checkpoint: {missing}")
-    return {name: np.asarray(ckpt.get_tensor(name)) for name in record["variables"]}
+    return {name: np.asarray(value) for name, value in ckpt.get_tensors(record["variables"]).items()}
 
 
 def ckpt_prefix(ckpt: Any) -> str:

@@ -16,7 +16,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from orchestrator.checkpoint.storage import LocalFile, Storage
 
 CONSUMER_VERSION = 1  # we read what TF's BundleReader reads (kTensorBundleVersion)
 READ_CHUNK = 1024 * 1024  # local reads of 2 chunks or more are split over two threads
+VERIFY_BATCH_BYTES = 256 * 1024 * 1024
 MAX_RANK = 64  # numpy's limit; TF's own is higher but no real checkpoint comes close
 _LITTLE = BundleHeaderProto.Endianness.Value("LITTLE")
 
@@ -136,12 +137,38 @@ class CheckpointReader:
             return self._assemble(entry)
         return self._read_value(entry)
 
+    def get_tensors(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Several tensors (all by default), each as ``get_tensor`` returns it.
+
+        Their bytes are fetched together in file order: on local disk one sequential
+        stream that all reading threads work through, on object stores concurrent
+        range requests. Unknown names, missing shards and entries beyond their file
+        raise before any data is read.
+        """
+        wanted = self.keys() if names is None else list(dict.fromkeys(names))
+        entries = [self.entry(name) for name in wanted]
+        pieces: dict[str, TensorEntry] = {}
+        for entry in entries:
+            for piece in self._stored_pieces(entry):
+                if dtypes.is_pod(piece.tf_dtype):  # strings and variants decode (and check) one by one
+                    pieces[piece.name] = piece
+        fetched = self._fetch_pod(list(pieces.values()))
+        return {entry.name: self._assemble(entry, fetched) if entry.slices
+                else fetched.get(entry.name) if entry.name in fetched else self._read_value(entry)
+                for entry in entries}
+
     def verify(self) -> None:
         """Check that every data shard exists and every tensor's bytes match their CRC."""
         for shard_id in range(self.num_shards):
             self._shard_size(shard_id)
-        for name in self._names:
-            self.get_tensor(name)
+        batch, batch_bytes = [], 0
+        for name in self._names:  # in batches, so memory stays bounded whatever the checkpoint's size
+            batch.append(name)
+            batch_bytes += self.stored_nbytes(name)
+            if batch_bytes >= VERIFY_BATCH_BYTES:
+                self.get_tensors(batch)
+                batch, batch_bytes = [], 0
+        self.get_tensors(batch)
 
     # ------------------------------------------------------------------ internals
     def _read_index(self) -> bytes:
@@ -185,34 +212,64 @@ class CheckpointReader:
                 opened = self._open_files[shard_id] = self._storage.open_local(path)
             return opened
 
-    def _read_bytes(self, entry: TensorEntry) -> tuple[np.ndarray, int]:
-        """The entry's stored bytes (writable uint8 array, bounds-checked first) and their CRC32C."""
-        path = self._data_path(entry)
+    def _check_in_file(self, entry: TensorEntry) -> None:
+        """Raise before reading if the entry's bytes cannot all be in its data file."""
         file_size = self._shard_size(entry.shard_id, entry.name)
         if entry.offset + entry.size > file_size:
             raise CorruptCheckpointError(
-                f"{path}: tensor {entry.name!r} at offset {entry.offset} size {entry.size} "
+                f"{self._data_path(entry)}: tensor {entry.name!r} at offset {entry.offset} size {entry.size} "
                 f"extends beyond the file ({file_size} bytes)")
+
+    def _read_bytes(self, entry: TensorEntry) -> tuple[np.ndarray, int]:
+        """The entry's stored bytes (writable uint8 array, bounds-checked first) and their CRC32C."""
+        self._check_in_file(entry)
         if self._storage.is_local:
             buf, checksum = _read_local(self._local_file(entry.shard_id), entry.offset, entry.size)
         else:
-            buf, checksum = _read_remote(self._storage, path, entry.offset, entry.size)
-        if buf.nbytes != entry.size:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {entry.name!r}: read {buf.nbytes} of {entry.size} bytes (file truncated?)")
+            buf, checksum = _read_remote(self._storage, self._data_path(entry), entry.offset, entry.size)
+        self._check_complete(entry, buf)
         return buf, checksum
 
+    def _check_complete(self, entry: TensorEntry, buf: np.ndarray) -> None:
+        if buf.nbytes != entry.size:
+            raise CorruptCheckpointError(
+                f"{self._data_path(entry)}: tensor {entry.name!r}: read {buf.nbytes} of {entry.size} bytes "
+                f"(file truncated?)")
+
     def _read_value(self, entry: TensorEntry) -> np.ndarray:
-        dtype = self._numpy_dtype(entry)
         buf, checksum = self._read_bytes(entry)
         where = f"{self._data_path(entry)}: tensor {entry.name!r}"
         if dtypes.is_string(entry.tf_dtype):
             return _decode_strings(buf, entry, where)
         if entry.tf_dtype == dtypes.DT_VARIANT:
             return _decode_variants(buf, entry, where)
+        return self._pod_value(entry, buf, checksum)
+
+    def _pod_value(self, entry: TensorEntry, buf: np.ndarray, checksum: int) -> np.ndarray:
         if checksum != crc.unmask(entry.crc32c):
-            raise CRCMismatchError(f"{where}: checksum mismatch ({entry.size} bytes at offset {entry.offset})")
-        return buf.view(dtype).reshape(entry.shape)
+            raise CRCMismatchError(f"{self._data_path(entry)}: tensor {entry.name!r}: checksum mismatch "
+                                   f"({entry.size} bytes at offset {entry.offset})")
+        return buf.view(self._numpy_dtype(entry)).reshape(entry.shape)
+
+    def _stored_pieces(self, entry: TensorEntry) -> list[TensorEntry]:
+        """The entries whose bytes make up the tensor, each checked to lie in its file."""
+        if entry.slices:
+            return [self._checked_piece(entry, extents) for extents in entry.slices]
+        self._check_in_file(entry)
+        return [entry]
+
+    def _fetch_pod(self, pieces: list[TensorEntry]) -> dict[str, np.ndarray]:
+        """The CRC-checked values of plain-data entries, read together in file order."""
+        pieces = sorted(pieces, key=lambda e: (e.shard_id, e.offset))
+        if self._storage.is_local:
+            results = _read_local_ranges([(self._local_file(p.shard_id), p.offset, p.size) for p in pieces])
+        else:
+            results = _read_remote_ranges(self._storage, [(self._data_path(p), p.offset, p.size) for p in pieces])
+        values = {}
+        for piece, (buf, checksum) in zip(pieces, results):
+            self._check_complete(piece, buf)
+            values[piece.name] = self._pod_value(piece, buf, checksum)
+        return values
 
     def _slice_entry(self, full: TensorEntry, extents) -> TensorEntry:
         key = bundle.key_str(slices.slice_key(bundle.key_bytes(full.name), extents))
@@ -234,7 +291,8 @@ class CheckpointReader:
                 f"{self._data_path(piece)}: slice of tensor {full.name!r} extends beyond the file")
         return piece
 
-    def _assemble(self, full: TensorEntry) -> np.ndarray:
+    def _assemble(self, full: TensorEntry, fetched: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """The partitioned tensor, whole; pieces come from ``fetched`` where it has them."""
         dtype = self._numpy_dtype(full)
         pieces = [(extents, self._checked_piece(full, extents)) for extents in full.slices]
         if sum(piece.num_elements for _, piece in pieces) < full.num_elements:
@@ -242,7 +300,8 @@ class CheckpointReader:
                 f"{self.index_path}: the stored slices of tensor {full.name!r} are too small for {full.shape}")
         assembler = slices.Assembler(full.shape, dtype)  # bounded: the pieces are in the files
         for extents, piece in pieces:
-            assembler.place(extents, self._read_value(piece))
+            value = fetched.get(piece.name) if fetched else None
+            assembler.place(extents, self._read_value(piece) if value is None else value)
         if not assembler.complete:
             raise CorruptCheckpointError(
                 f"{self.index_path}: the stored slices of tensor {full.name!r} do not cover its shape {full.shape}")
@@ -264,71 +323,51 @@ def _read_remote(storage: Storage, path: str, offset: int, size: int) -> tuple[n
     return buf, crc.crc32c(buf)
 
 
+REMOTE_BATCH_BYTES = 256 * 1024 * 1024  # ranges requested together; bounds the transient copies
+
+
+def _read_remote_ranges(storage: Storage, ranges: list[tuple[str, int, int]]) -> list[tuple[np.ndarray, int]]:
+    """Many ranged requests, issued together in batches of about ``REMOTE_BATCH_BYTES``."""
+    results: list[tuple[np.ndarray, int]] = []
+    for batch in _batches(ranges, REMOTE_BATCH_BYTES):
+        for data in storage.read_ranges(batch):
+            buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+            results.append((buf, crc.crc32c(buf)))
+    return results
+
+
+def _batches(ranges: list[tuple[str, int, int]], limit: int):
+    batch, total = [], 0
+    for item in ranges:
+        if batch and total + item[2] > limit:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += item[2]
+    if batch:
+        yield batch
+
+
 def _read_local(f: LocalFile, offset: int, size: int) -> tuple[np.ndarray, int]:
-    """Read one byte range of a local file into a fresh writable buffer; return it with its CRC32C.
+    """Read one byte range of a local file into a fresh writable buffer; return it with its CRC32C."""
+    return _read_local_ranges([(f, offset, size)])[0]
 
-    The bytes go straight into the array (no intermediate copy); big ranges are read
-    and checksummed in chunks by this thread and the shared helpers together.
+
+def _read_local_ranges(ranges: list[tuple[LocalFile, int, int]]) -> list[tuple[np.ndarray, int]]:
+    """Read byte ranges of local files into fresh writable buffers; each with its CRC32C.
+
+    The bytes go straight into the arrays (no intermediate copy). With 2 chunks' worth
+    or more, this thread and the shared helpers read and checksum them together.
     """
-    buf = np.empty(size, dtype=np.uint8)
-    if size < 2 * READ_CHUNK or not crc.releases_gil():
-        filled = f.readinto(offset, memoryview(buf))
-        return buf[:filled], crc.crc32c(buf[:filled])
-    return _read_and_checksum(f, offset, buf)
-
-
-class _SplitRead:
-    """One big range read by several threads: each claims the next chunk, reads it, checksums it.
-
-    Each chunk is checksummed right after it is read, while it is still in the CPU's
-    cache, and the chunk CRCs are combined in order at the end, so the copy out of the
-    page cache and the CRC both spread over the cores. Claiming chunks from a shared
-    counter means a busy helper costs nothing: the others simply do its share.
-    """
-
-    def __init__(self, f: LocalFile, offset: int, buf: np.ndarray, chunk: int):
-        self._file, self._offset, self._buf = f, offset, buf
-        self._bounds = [(start, min(start + chunk, buf.nbytes)) for start in range(0, buf.nbytes, chunk)]
-        self._done: list[tuple[int, int] | None] = [None] * len(self._bounds)  # (bytes read, crc)
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def work(self) -> None:
-        f, offset, buf = self._file, self._offset, self._buf
-        if buf is None:
-            return  # released before this helper task started
-        view = memoryview(buf)
-        while (i := self._claim()) is not None:
-            start, end = self._bounds[i]
-            got = f.readinto(offset + start, view[start:end])
-            self._done[i] = (got, crc.crc32c(buf[start:start + got]))
-
-    def _claim(self) -> int | None:
-        with self._lock:
-            i = self._next
-            self._next += 1
-        return i if i < len(self._bounds) else None
-
-    def release(self) -> None:
-        """Drop the buffer: a finished helper task must not keep the array alive."""
-        self._file = self._buf = None
-        with self._lock:
-            self._next = len(self._bounds)
-
-    def result(self) -> tuple[int, int]:
-        """(bytes read before the first short chunk, their CRC32C)."""
-        filled, checksum = 0, 0
-        for (start, end), (got, piece) in zip(self._bounds, self._done):
-            checksum = crc.combine(checksum, piece, got)
-            filled += got
-            if got < end - start:
-                break  # end of file: the caller reports the short read
-        return filled, checksum
-
-
-def _read_and_checksum(f: LocalFile, offset: int, buf: np.ndarray) -> tuple[np.ndarray, int]:
-    """Read and checksum ``buf``'s worth of bytes with this thread and the shared helpers."""
-    job = _SplitRead(f, offset, buf, READ_CHUNK)
+    buffers = [np.empty(size, dtype=np.uint8) for _, _, size in ranges]
+    native = crc.native_extend()
+    if sum(size for _, _, size in ranges) < 2 * READ_CHUNK or native is None:
+        results = []
+        for (f, offset, _), buf in zip(ranges, buffers):
+            filled = f.readinto(offset, memoryview(buf))
+            results.append((buf[:filled], crc.crc32c(buf[:filled])))
+        return results
+    job = _ParallelRead([(f, offset, buf) for (f, offset, _), buf in zip(ranges, buffers)], READ_CHUNK, native)
     helpers, count = _read_helpers()
     tasks = [helpers.submit(job.work) for _ in range(count)]
     try:
@@ -338,8 +377,67 @@ def _read_and_checksum(f: LocalFile, offset: int, buf: np.ndarray) -> tuple[np.n
         for task in tasks:
             if not task.cancel():
                 task.result()  # it is mid-chunk: wait, and surface its error if any
-    filled, checksum = job.result()
-    return buf[:filled], checksum
+    return [(buf[:filled], checksum) for buf, (filled, checksum) in zip(buffers, job.results())]
+
+
+class _ParallelRead:
+    """Byte ranges read by several threads: each claims the next chunk, reads it, checksums it.
+
+    Chunks are claimed in file order, so the disk sees one sequential stream. Each
+    chunk is checksummed right after it is read, while it is still in the CPU's cache,
+    and each range's chunk CRCs are combined in order at the end, so the copy out of
+    the page cache and the CRC both spread over the cores. A busy helper costs
+    nothing: the other threads simply claim its share.
+    """
+
+    def __init__(self, ranges: list[tuple[LocalFile, int, np.ndarray]], chunk: int, checksum: crc.NativeExtend):
+        self._chunk, self._checksum = chunk, checksum
+        self._work: list[tuple[LocalFile, int, memoryview, int]] | None = []  # file, position, destination, address
+        self._meta: list[tuple[int, int]] = []  # per chunk: (range index, length)
+        self._count = len(ranges)
+        for index, (f, offset, buf) in enumerate(ranges):
+            if not buf.nbytes:
+                continue
+            view, address = memoryview(buf), buf.ctypes.data
+            for start in range(0, buf.nbytes, chunk):
+                end = min(start + chunk, buf.nbytes)
+                self._work.append((f, offset + start, view[start:end], address + start))
+                self._meta.append((index, end - start))
+        self._done: list[tuple[int, int] | None] = [None] * len(self._meta)  # (bytes read, crc)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def work(self) -> None:
+        work, checksum, done = self._work, self._checksum, self._done
+        if work is None:
+            return  # released before this helper task started
+        while (i := self._claim()) is not None:
+            f, position, destination, address = work[i]
+            got = f.readinto(position, destination)
+            done[i] = (got, checksum(0, address, got))
+
+    def _claim(self) -> int | None:
+        with self._lock:
+            i = self._next
+            self._next += 1
+        return i if i < len(self._done) else None
+
+    def release(self) -> None:
+        """Drop the buffers: a finished helper task must not keep the arrays alive."""
+        self._work = None
+        with self._lock:
+            self._next = len(self._done)
+
+    def results(self) -> list[tuple[int, int]]:
+        """Per range: (bytes read before its first short chunk, their CRC32C)."""
+        filled, checksums, ended = [0] * self._count, [0] * self._count, [False] * self._count
+        for (index, length), (got, piece) in zip(self._meta, self._done):
+            if ended[index]:
+                continue
+            checksums[index] = crc.combine(checksums[index], piece, got, repeated=got == self._chunk)
+            filled[index] += got
+            ended[index] = got < length  # end of file: the caller reports the short read
+        return list(zip(filled, checksums))
 
 
 MAX_READ_HELPERS = 3

@@ -104,7 +104,7 @@ def restore_variables(var_map: Mapping[str, Variable], prefix: str,
         raise RestoreMismatchError(
             f"cannot restore from {prefix}: {len(problems)} variable(s) do not match, none was assigned:\n  "
             + "\n  ".join(problems))
-    values = {key: ckpt.get_tensor(key) for key in var_map}
+    values = ckpt.get_tensors(var_map)
     for key, var in var_map.items():
         var.assign(values[key])
 

@@ -19,7 +19,7 @@ import os
 import posixpath
 import threading
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -137,6 +137,18 @@ class Storage:
         if length <= 0:
             return b""
         return self.fs.cat_file(self._strip(path), start=start, end=start + length)
+
+    def read_ranges(self, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """Several ``(path, start, length)`` ranges at once; async filesystems (s3, gcs) fetch them concurrently."""
+        wanted = [i for i, (_, _, length) in enumerate(ranges) if length > 0]
+        out = [b""] * len(ranges)
+        if wanted:
+            paths = [self._strip(ranges[i][0]) for i in wanted]
+            starts = [ranges[i][1] for i in wanted]
+            ends = [ranges[i][1] + ranges[i][2] for i in wanted]
+            for i, data in zip(wanted, self.fs.cat_ranges(paths, starts, ends, on_error="raise")):
+                out[i] = data
+        return out
 
     def open_local(self, path: str) -> "LocalFile":
         """Open a local file for reads at explicit offsets (``is_local`` storages only)."""
@@ -287,6 +299,9 @@ class _EagerWriteback:
         return getattr(self._f, name)
 
 
+_HAS_PREADV = hasattr(os, "preadv")
+
+
 class LocalFile:
     """A local file held open and read at explicit offsets.
 
@@ -307,8 +322,9 @@ class LocalFile:
 
     def readinto(self, offset: int, view: memoryview) -> int:
         """Fill ``view`` from ``offset``; return the bytes read (fewer only at end of file)."""
-        filled = 0
-        while filled < len(view):
+        wanted = len(view)
+        filled = self._read_at(offset, view)
+        while 0 < filled < wanted:  # rare: a signal or a short read mid-file
             n = self._read_at(offset + filled, view[filled:])
             if not n:
                 break
@@ -316,7 +332,7 @@ class LocalFile:
         return filled
 
     def _read_at(self, offset: int, view: memoryview) -> int:
-        if hasattr(os, "preadv"):
+        if _HAS_PREADV:
             return os.preadv(self._fd, [view], offset)
         with self._lock:  # e.g. Windows: seek + read, one thread at a time
             os.lseek(self._fd, offset, os.SEEK_SET)

@@ -210,16 +210,17 @@ class TrainWorker:
         self.saver.finish_previous()
         reader = CheckpointReader(prefix, recipe.checkpoint_options(self.config))
         self._check_structure(reader, prefix)
-        read = []
-        for name, array in self.owned_arrays().items():
-            self._assign(name, _read_tensor(reader, prefix, name, array))
-            read.append(name)
-        self.global_step = int(_read_tensor(reader, prefix, GLOBAL_STEP_KEY, None))
-        rng = decode_json_tensor(_read_tensor(reader, prefix, RNG_STATE_KEY, None))
+        owned = self.owned_arrays()
+        records = {GLOBAL_STEP_KEY: None, RNG_STATE_KEY: None, ITERATOR_STATE_KEY: None}
+        values = _read_tensors(reader, prefix, {**owned, **records})  # one batched read of everything
+        for name in owned:
+            self._assign(name, values[name])
+        self.global_step = int(values[GLOBAL_STEP_KEY])
+        rng = decode_json_tensor(values[RNG_STATE_KEY])
         self.seed = int(rng["seed"])
         self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
-        self.sampler.set_state(decode_json_tensor(_read_tensor(reader, prefix, ITERATOR_STATE_KEY, None)))
-        return {"rank": self.rank, "global_step": self.global_step, "read": sorted(read)}
+        self.sampler.set_state(decode_json_tensor(values[ITERATOR_STATE_KEY]))
+        return {"rank": self.rank, "global_step": self.global_step, "read": sorted(owned)}
 
     def _assign(self, name: str, value: np.ndarray) -> None:
         target = self.variables.get(name)
@@ -240,14 +241,18 @@ class TrainWorker:
             raise RestoreError(f"{prefix}: the checkpoint holds a different model ({detail})")
 
 
-def _read_tensor(reader, prefix: str, name: str, like: Any) -> np.ndarray:
-    if not reader.has_tensor(name):
-        raise RestoreError(f"{prefix}: tensor {name!r} is missing from the checkpoint")
-    value = reader.get_tensor(name)
-    if like is not None and (tuple(value.shape) != tuple(like.shape) or value.dtype != like.dtype):
-        raise RestoreError(f"{prefix}: tensor {name!r} is {value.dtype}{list(value.shape)} in the "
-                           f"checkpoint but {np.dtype(like.dtype)}{list(like.shape)} in the model")
-    return value
+def _read_tensors(reader, prefix: str, likes: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The named tensors, each checked against the array it will replace (None: no check)."""
+    for name in likes:
+        if not reader.has_tensor(name):
+            raise RestoreError(f"{prefix}: tensor {name!r} is missing from the checkpoint")
+    values = reader.get_tensors(likes)
+    for name, like in likes.items():
+        value = values[name]
+        if like is not None and (tuple(value.shape) != tuple(like.shape) or value.dtype != like.dtype):
+            raise RestoreError(f"{prefix}: tensor {name!r} is {value.dtype}{list(value.shape)} in the "
+                               f"checkpoint but {np.dtype(like.dtype)}{list(like.shape)} in the model")
+    return values
 
 
 class WorkerActor(TrainWorker):

@@ -47,7 +47,7 @@ def load_model(path: str, storage_options: Mapping[str, Any] | None = None,
         raise ModelLoadError(f"{where}: bad model spec in the structure record: {exc}") from exc
     model = build_model(spec, get_backend(device), seed=0)
     _check_names(model, record["variables"], where)
-    model.assign({name: _read_parameter(reader, model, name, where) for name in model.param_names})
+    model.assign(_read_parameters(reader, model, where))
     return model
 
 
@@ -57,13 +57,17 @@ def _check_names(model: Model, names: list[str], where: str) -> None:
                              f"but spec builds {model.param_names}")
 
 
-def _read_parameter(reader: Any, model: Model, name: str, where: str) -> np.ndarray:
-    if not reader.has_tensor(name):
-        raise ModelLoadError(f"{where}: parameter tensor {name!r} is missing")
-    value = reader.get_tensor(name)
-    expected = next(v.shape for v in model.variables if v.name == name)
-    if tuple(value.shape) != expected:
-        raise ModelLoadError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, spec needs {expected}")
-    if not np.issubdtype(value.dtype, np.floating):
-        raise ModelLoadError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected floating point")
-    return value
+def _read_parameters(reader: Any, model: Model, where: str) -> dict[str, np.ndarray]:
+    """Every parameter, read in one batch, each checked against the shape the spec builds."""
+    for name in model.param_names:
+        if not reader.has_tensor(name):
+            raise ModelLoadError(f"{where}: parameter tensor {name!r} is missing")
+    values = reader.get_tensors(model.param_names)
+    shapes = {v.name: v.shape for v in model.variables}
+    for name, value in values.items():
+        if tuple(value.shape) != shapes[name]:
+            raise ModelLoadError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                 f"spec needs {shapes[name]}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ModelLoadError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected floating point")
+    return values

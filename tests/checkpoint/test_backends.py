@@ -62,6 +62,10 @@ def assert_round_trip(prefix, tensors, options) -> None:
         assert payload(reader.get_tensor(name)) == payload(expected), name
         assert np.dtype(reader.get_variable_to_dtype_map()[name]) == expected.dtype, name  # strings: object
     assert not reader.has_tensor("no/such/tensor")
+    together = reader.get_tensors()  # the batched read a restore uses: same values
+    assert list(together) == reader.keys()
+    for name, expected in tensors.items():
+        assert payload(together[name]) == payload(expected), name
     reader.verify()
 
 

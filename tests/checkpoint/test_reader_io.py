@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import reader
-from orchestrator.checkpoint.errors import CheckpointNotFoundError, CRCMismatchError
+from orchestrator.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, CRCMismatchError
 from orchestrator.checkpoint.reader import load_checkpoint
 from orchestrator.checkpoint.storage import LocalFile
 from orchestrator.checkpoint.writer import write_checkpoint
+from tests.checkpoint.test_backends import ReadCounter
 
 CHUNK = 64 * 1024 + 5  # odd on purpose: chunk CRCs of unequal, unaligned lengths get combined
 
@@ -146,3 +147,74 @@ def test_local_file_reads_at_offsets_and_stops_at_the_end(tmp_path):
         assert f.readinto(5000, memoryview(tail)) == 0
     with pytest.raises(FileNotFoundError):
         LocalFile(str(tmp_path / "missing.bin"))
+
+
+# ---------------------------------------------------------------------------- get_tensors
+def _flip_byte(path: str, position: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x04]))
+
+
+def test_get_tensors_reads_each_stored_byte_once(tmp_path, small_chunks, tensors, monkeypatch):
+    tensors = dict(tensors, label=np.array([b"x", b"yz"], dtype=object), step=np.array(7, np.int64))
+    prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors, num_shards=3)
+    ckpt = load_checkpoint(prefix)
+    counter = ReadCounter(monkeypatch)
+    values = ckpt.get_tensors()
+    assert list(values) == ckpt.keys()
+    for name, expected in tensors.items():
+        assert values[name].dtype == expected.dtype and values[name].shape == expected.shape
+        assert values[name].tolist() == expected.tolist(), name
+    assert counter.data_bytes() == sum(ckpt.stored_nbytes(n) for n in tensors)
+
+
+def test_get_tensors_of_a_subset_keeps_the_asked_order_once_each(tmp_path, tensors, monkeypatch):
+    prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors)
+    ckpt = load_checkpoint(prefix)
+    counter = ReadCounter(monkeypatch)
+    values = ckpt.get_tensors(["t4", "t1", "t4"])
+    assert list(values) == ["t4", "t1"]
+    np.testing.assert_array_equal(values["t4"], tensors["t4"])
+    assert counter.data_bytes() == tensors["t4"].nbytes + tensors["t1"].nbytes
+
+
+def test_get_tensors_checks_every_name_and_bound_before_reading(tmp_path, tensors, monkeypatch):
+    prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors)
+    ckpt = load_checkpoint(prefix)
+    counter = ReadCounter(monkeypatch)
+    with pytest.raises(CheckpointNotFoundError, match="'nope'"):
+        ckpt.get_tensors(["t0", "nope"])
+    data_path = prefix + ".data-00000-of-00001"
+    last = max(tensors, key=lambda n: ckpt.entry(n).offset)
+    with open(data_path, "r+b") as f:
+        f.truncate(ckpt.entry(last).offset + 8)
+    with pytest.raises(CorruptCheckpointError, match=f"'{last}'.*beyond the file"):
+        load_checkpoint(prefix).get_tensors()
+    assert counter.data_bytes() == 0
+
+
+def test_get_tensors_names_the_tensor_whose_bytes_are_damaged(tmp_path, small_chunks, tensors):
+    prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors)
+    entry = load_checkpoint(prefix).entry("t3")
+    _flip_byte(prefix + ".data-00000-of-00001", entry.offset + entry.size // 2)
+    with pytest.raises(CRCMismatchError, match="'t3'"):
+        load_checkpoint(prefix).get_tensors()
+    np.testing.assert_array_equal(load_checkpoint(prefix).get_tensors(["t2"])["t2"], tensors["t2"])
+
+
+def test_get_tensors_without_the_native_crc_reads_one_by_one_and_still_checks(tmp_path, small_chunks, tensors,
+                                                                              monkeypatch):
+    from orchestrator.checkpoint import crc
+
+    monkeypatch.setattr(crc, "_native_extend", None)
+    prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors)
+    values = load_checkpoint(prefix).get_tensors()
+    for name, expected in tensors.items():
+        np.testing.assert_array_equal(values[name], expected)
+    entry = load_checkpoint(prefix).entry("t5")
+    _flip_byte(prefix + ".data-00000-of-00001", entry.offset + 3)
+    with pytest.raises(CRCMismatchError, match="'t5'"):
+        load_checkpoint(prefix).get_tensors()
