@@ -437,4 +437,6 @@ def test_bench_script_reports_every_ratio_and_cleans_up(tmp_path, capsys, monkey
         ratios = [float(c[:-1]) for c in cells if c.endswith("x") and c[:-1].replace(".", "").isdigit()]
         assert len(ratios) >= 2 and min(ratios[:2]) > 0, (phase, cells)  # ours/raw, ours/tf first
     assert "fsync" in out and "posix_fadvise" in out
+    ceiling = next(line for line in out.splitlines() if line.startswith("raw+crc, warm:"))
+    assert float(ceiling.split("=")[1].split("x")[0]) > 0  # the verified-read ceiling, as a ratio to raw
     assert os.listdir(tmp_path) == []
