@@ -31,7 +31,7 @@ from orchestrator.checkpoint.protos import BundleEntryProto, BundleHeaderProto
 from orchestrator.checkpoint.storage import LocalFile, Storage
 
 CONSUMER_VERSION = 1  # we read what TF's BundleReader reads (kTensorBundleVersion)
-READ_CHUNK = 1024 * 1024  # local reads of 2 chunks or more are split over two threads
+READ_CHUNK = 1024 * 1024  # local reads of 2 chunks or more are split over the reading threads
 VERIFY_BATCH_BYTES = 256 * 1024 * 1024
 MAX_RANK = 64  # numpy's limit; TF's own is higher but no real checkpoint comes close
 _LITTLE = BundleHeaderProto.Endianness.Value("LITTLE")
@@ -153,9 +153,13 @@ class CheckpointReader:
                 if dtypes.is_pod(piece.tf_dtype):  # strings and variants decode (and check) one by one
                     pieces[piece.name] = piece
         fetched = self._fetch_pod(list(pieces.values()))
-        return {entry.name: self._assemble(entry, fetched) if entry.slices
-                else fetched.get(entry.name) if entry.name in fetched else self._read_value(entry)
-                for entry in entries}
+        values = {}
+        for entry in entries:
+            if entry.slices:
+                values[entry.name] = self._assemble(entry, fetched)
+            else:
+                values[entry.name] = fetched[entry.name] if entry.name in fetched else self._read_value(entry)
+        return values
 
     def verify(self) -> None:
         """Check that every data shard exists and every tensor's bytes match their CRC."""

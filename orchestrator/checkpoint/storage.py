@@ -248,7 +248,7 @@ def _load_sync_file_range():
     """Linux's ``sync_file_range`` through ctypes (Python's os module lacks it), or None."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux (Windows cannot even open "no library")
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     function.restype = ctypes.c_int
