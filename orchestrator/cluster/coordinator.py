@@ -323,9 +323,10 @@ class Coordinator:
 
     def _collect_shards(self, pending: _InFlightSave) -> tuple[list, dict[int, str]]:
         results, failures, blocked = [], {}, [0.0]
+        deadline = time.monotonic() + self._save_timeout() + CONTROL_TIMEOUT_S  # shards write in parallel: one deadline
         for rank, ref in enumerate(pending.refs):
             try:
-                result, blocked_s = ray.get(ref, timeout=self._save_timeout() + CONTROL_TIMEOUT_S)
+                result, blocked_s = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 results.append(result)
                 blocked.append(blocked_s)
             except ray.exceptions.RayTaskError as exc:

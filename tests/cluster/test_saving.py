@@ -86,3 +86,36 @@ def test_save_policy_by_steps_and_seconds():
     assert policy.reason(11, seconds_since_save=31.0) == "save_every_secs=30.0"
     assert policy.reason(11, seconds_since_save=1.0) is None
     assert SavePolicy(every_steps=0).reason(10, 1e9) is None
+
+
+def test_hung_shard_writes_share_one_deadline(tmp_path, run_coordinator, monkeypatch):
+    """Three shards that never finish fail the save after one timeout, not one per shard."""
+    import time
+
+    import ray
+
+    from orchestrator.cluster import coordinator as coordinator_module
+    from orchestrator.cluster.coordinator import SaveRecord, _InFlightSave
+
+    from .conftest import with_changes
+
+    monkeypatch.setattr(coordinator_module, "CONTROL_TIMEOUT_S", 0.0)
+    config = make_config(str(tmp_path / "ckpt"), workers=2, steps=2, step_timeout_s=1.0, **RECIPE)
+    coordinator = run_coordinator(with_changes(config, fault_tolerance={"grace_period_s": 0.5}))
+
+    @ray.remote(num_cpus=0)
+    def never_finishes():
+        time.sleep(120)
+
+    refs = [never_finishes.remote() for _ in range(3)]
+    pending = _InFlightSave(SaveRecord(step=1, prefix="p", asynchronous=False, stall_s=0.0), refs, 0.0, {})
+    start = time.monotonic()
+    try:
+        results, failures = coordinator._collect_shards(pending)
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+    elapsed = time.monotonic() - start
+    assert results == [] and sorted(failures) == [0, 1, 2]
+    assert all("did not finish within 1.0 s" in why for why in failures.values())
+    assert elapsed < 2.0, f"waited {elapsed:.1f} s: each hung shard got its own timeout"
