@@ -202,6 +202,20 @@ def test_summary_counts_failures_and_is_written(tmp_path):
     assert written["last_checkpoint"] == "ck/model.ckpt-30"
 
 
+def test_events_after_close_are_dropped_quietly(tmp_path):
+    """A save that commits while the job shuts down reports after the summary: nothing breaks or changes."""
+    reporter, stream, clock = _run_reporter(tmp_path)
+    reporter.close()
+    before = (stream.getvalue(), _scalars(tmp_path / "run" / "tensorboard"))
+    clock.tick()
+    reporter.on_step(31, {"loss": 0.01})
+    reporter.on_checkpoint(31, 0.5, 1024)
+    reporter.on_eval(31, {"loss": 0.02})
+    reporter.on_failure("late failure")
+    reporter.on_recovery(1.0)
+    assert (stream.getvalue(), _scalars(tmp_path / "run" / "tensorboard")) == before
+
+
 def test_summary_of_a_preempted_run():
     summary = RunSummary(name="j", status="preempted", steps_completed=42, total_steps=300, wall_time_s=3.0,
                          last_checkpoint="ck/model.ckpt-42")

@@ -148,7 +148,8 @@ class Supervisor:
         self.tracker = _AttemptTracker(reporter, clock)
         self.failures: list[Failure] = []
         self.attempts: list[AttemptResult] = []
-        self._initial_resume = config.resume
+        self._initial_resume = config.resume  # resolved (auto -> a verified checkpoint or never) in run()
+        self._resize_to: int | None = None  # set when capacity for a bigger job comes back mid-attempt
 
     @property
     def coordinator(self):

@@ -65,6 +65,8 @@ class Reporter:
     def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """After global step ``step``; ``metrics`` usually holds loss and accuracy."""
         with self._lock:
+            if self._summary is not None:
+                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
             scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
             scalars.update(self._timing(step, scalars))
             self._metrics.update({k: v for k, v in scalars.items() if k in ("loss", "accuracy")})
@@ -78,6 +80,8 @@ class Reporter:
     def on_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Held-out metrics at ``step``: TensorBoard ``eval/<name>`` and one line."""
         with self._lock:
+            if self._summary is not None:
+                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
             scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
             self._metrics.update({f"eval_{k}": v for k, v in scalars.items()})
             self._write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
@@ -87,6 +91,8 @@ class Reporter:
     def on_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
         """A checkpoint of ``step`` was committed after ``seconds`` of writing ``nbytes``."""
         with self._lock:
+            if self._summary is not None:
+                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
             self._state.last_checkpoint_step = step
             self._state.last_checkpoint_secs = float(seconds)
             self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
@@ -95,12 +101,16 @@ class Reporter:
     def on_failure(self, cause: Any) -> None:
         """A worker or step failed; ``cause`` is an exception or a message."""
         with self._lock:
+            if self._summary is not None:
+                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
             self._failures += 1
             self._display.message(redact(f"failure #{self._failures}: {cause}"))
 
     def on_recovery(self, seconds: float) -> None:
         """Training resumed ``seconds`` after the last failure."""
         with self._lock:
+            if self._summary is not None:
+                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
             self._recovered += 1
             self._recovery_s += float(seconds)
             self._display.message(f"recovered in {seconds:.1f} s; training continues")
