@@ -70,6 +70,9 @@ class _Loc:
 
 # ---------------------------------------------------------------------------- secrets
 _SECRET_VALUES: set[str] = set()
+# Log lines are scrubbed of secrets by plain substring replacement; values shorter than this
+# (a port, "true", a digit) would garble every line they occur in, and are no credential.
+REDACT_MIN_CHARS = 6
 
 
 class EnvValue(str):
@@ -91,7 +94,7 @@ class Secret(EnvValue):
 
     def __new__(cls, value: str, reference: str):
         obj = super().__new__(cls, value, reference)
-        if value:
+        if len(value) >= REDACT_MIN_CHARS:
             _SECRET_VALUES.add(value)
         return obj
 

@@ -219,6 +219,14 @@ def test_env_references_resolve_and_stay_secret(tmp_path):
     assert pickle.loads(pickle.dumps(cfg)) == cfg
 
 
+def test_short_env_values_in_storage_options_do_not_garble_logs(tmp_path):
+    text = SECRET_YAML.replace("    key: ${ORCH_KEY}\n", "    key: ${ORCH_KEY}\n    use_ssl: ${ORCH_SSL}\n")
+    cfg = _load(tmp_path, text, environ=dict(SECRET_ENV, ORCH_SSL="1"))
+    assert cfg.checkpoint.storage_options["use_ssl"] == "1"
+    assert "<secret ${ORCH_SSL}>" in repr(cfg)  # still never shown as a value
+    assert redact("step 1 of 10 with AKIA-very-secret-key") == "step 1 of 10 with ***"
+
+
 def test_dump_round_trips_through_load(tmp_path):
     cfg = _load(tmp_path, SECRET_YAML, environ=SECRET_ENV)
     dumped = tmp_path / "dumped.yaml"
