@@ -42,8 +42,9 @@ Examples: [`configs/`](../configs).
   `--set train.steps=500 --set model.hidden=[128,128] --set checkpoint.async_save=false`.
 - **Environment variables.** `${VAR}`, `${oc.env:VAR}` and `${oc.env:VAR,default}` anywhere in a
   string value are resolved when the config loads (an unset variable without a default is an error).
-  Values resolved inside a `storage_options` mapping are credentials: they are masked in logs and
-  never written anywhere. The copy of the config written to `<run_dir>/config.yaml` keeps every
+  Values resolved inside a `storage_options` mapping are credentials: they are masked in logs (values
+  of 6 characters or more; a shorter one such as `1` or `true` would garble every line) and in `repr`,
+  and never written anywhere. The copy of the config written to `<run_dir>/config.yaml` keeps every
   `${...}` reference, not its value.
 - **Relative paths** are relative to the directory the command runs in.
 """
