@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from orchestrator import __version__
 from orchestrator.config import ConfigError, JobConfig, dump_config, load_config, parse_options, redact
 from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from orchestrator.units import human_bytes
 
 logger = logging.getLogger("orchestrator")
 
@@ -38,14 +39,6 @@ def _error(message: str) -> None:
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return parse_options(args.storage_option or []) or None
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _describe_job(cfg: JobConfig) -> str:
@@ -224,7 +217,7 @@ def _info_dict(info: Any) -> dict:
 
 def format_checkpoint_table(infos: Sequence[Any]) -> str:
     """The ``ls`` table: one row per committed checkpoint, oldest first."""
-    rows = [(str(i.step), _iso_time(i.timestamp), _human_bytes(i.size_bytes), str(i.num_shards),
+    rows = [(str(i.step), _iso_time(i.timestamp), human_bytes(i.size_bytes), str(i.num_shards),
              ", ".join(i.reasons) or "-", os.path.basename(i.prefix)) for i in infos]
     widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(LS_COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths)).rstrip()]
@@ -240,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     prefix = _resolve_prefix(args.path, options)
     out = args.output or os.path.basename(prefix) + ".safetensors"
     export_safetensors(prefix, out, storage_options=options)
-    print(f"wrote {out} ({_human_bytes(os.path.getsize(out))}) from {prefix}")
+    print(f"wrote {out} ({human_bytes(os.path.getsize(out))}) from {prefix}")
     return EXIT_OK
 
 

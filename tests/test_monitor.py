@@ -126,7 +126,7 @@ def test_plain_progress_lines_every_log_interval(tmp_path):
     progress = [l for l in lines if re.search(r"\d step \d+/30", l)]
     assert len(progress) == 3  # steps 10, 20, 30
     assert "step 20/30  66% | loss 0.1500 | acc 0.6667 | 128 ex/s | ckpt 10 (0.25 s)" in progress[1]
-    assert any("checkpoint at step 30 saved in 0.25 s (120.0 KB)" in l for l in lines)
+    assert any("checkpoint at step 30 saved in 0.25 s (120.0 KiB)" in l for l in lines)
     assert any("eval at step 30: accuracy 0.9500, loss 0.2000" in l for l in lines)
     assert "\r" not in stream.getvalue()
 

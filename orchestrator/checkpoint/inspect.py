@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orchestrator.checkpoint.reader import CheckpointReader, load_checkpoint
+from orchestrator.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -47,22 +48,14 @@ def _info(reader: CheckpointReader, name: str) -> TensorInfo:
                       bool(entry.slices))
 
 
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes} B" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
-
-
 def format_table(rows: Sequence[TensorInfo]) -> str:
     """An aligned text table with a total line."""
     header = ("name", "dtype", "shape", "size", "shard")
-    body = [(r.name, r.dtype, str(list(r.shape)), _human(r.nbytes), r.shard) for r in rows]
+    body = [(r.name, r.dtype, str(list(r.shape)), human_bytes(r.nbytes), r.shard) for r in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
     total = sum(r.nbytes for r in rows)
-    lines.append(f"{len(rows)} tensors, {_human(total)} ({total} bytes)")
+    lines.append(f"{len(rows)} tensors, {human_bytes(total)} ({total} bytes)")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, TextIO
 from orchestrator.config import JobConfig, redact
 from orchestrator.monitor.events import EventFileWriter
 from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_summary
+from orchestrator.units import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Reporter:
             self._state.last_checkpoint_step = step
             self._state.last_checkpoint_secs = float(seconds)
             self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
-            self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({_human_bytes(nbytes)})")
+            self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
 
     def on_failure(self, cause: Any) -> None:
         """A worker or step failed; ``cause`` is an exception or a message."""
@@ -176,11 +177,3 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return not isinstance(value, (str, bytes))
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
