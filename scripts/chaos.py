@@ -642,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="kept after the run when given")
     parser.add_argument("--markdown", default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    steps = args.steps or args.save_every * (8 * args.faults + 6)
+    # Faults are paced by commits and recoveries (wall time), so a fast machine trains more steps between
+    # two faults: leave room for every fault to land before the last 3 saves, where none is injected.
+    steps = args.steps or args.save_every * (12 * args.faults + 6)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     result = run_chaos(args.faults, steps, args.save_every, args.seed, work, args.timeout)
