@@ -230,7 +230,7 @@ class CheckpointReader:
         if self._storage.is_local:
             buf, checksum = _read_local(self._local_file(entry.shard_id), entry.offset, entry.size)
         else:
-            buf, checksum = _read_remote(self._storage, self._data_path(entry), entry.offset, entry.size)
+            buf, checksum = _read_remote_ranges(self._storage, [(self._data_path(entry), entry.offset, entry.size)])[0]
         self._check_complete(entry, buf)
         return buf, checksum
 
@@ -319,19 +319,12 @@ def _close_all(files: dict[int, LocalFile]) -> None:
     files.clear()
 
 
-def _read_remote(storage: Storage, path: str, offset: int, size: int) -> tuple[np.ndarray, int]:
-    """One ranged request (object stores, memory://); the bytes and their CRC32C."""
-    if size == 0:
-        return np.empty(0, dtype=np.uint8), 0
-    buf = np.frombuffer(bytearray(storage.read_range(path, offset, size)), dtype=np.uint8)
-    return buf, crc.crc32c(buf)
-
-
 REMOTE_BATCH_BYTES = 256 * 1024 * 1024  # ranges requested together; bounds the transient copies
 
 
 def _read_remote_ranges(storage: Storage, ranges: list[tuple[str, int, int]]) -> list[tuple[np.ndarray, int]]:
-    """Many ranged requests, issued together in batches of about ``REMOTE_BATCH_BYTES``."""
+    """Ranged requests (object stores, memory://), issued together in batches of about ``REMOTE_BATCH_BYTES``;
+    each range's bytes (a writable array) and their CRC32C."""
     results: list[tuple[np.ndarray, int]] = []
     for batch in _batches(ranges, REMOTE_BATCH_BYTES):
         for data in storage.read_ranges(batch):

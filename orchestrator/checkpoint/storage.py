@@ -132,14 +132,11 @@ class Storage:
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(self._strip(path))
 
-    def read_range(self, path: str, start: int, length: int) -> bytes:
-        """Bytes ``[start, start+length)``; fewer only if the file is shorter."""
-        if length <= 0:
-            return b""
-        return self.fs.cat_file(self._strip(path), start=start, end=start + length)
-
     def read_ranges(self, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
-        """Several ``(path, start, length)`` ranges at once; async filesystems (s3, gcs) fetch them concurrently."""
+        """The bytes of each ``(path, start, length)`` range (fewer only where a file is shorter).
+
+        Async filesystems (s3, gcs) fetch the ranges concurrently.
+        """
         wanted = [i for i, (_, _, length) in enumerate(ranges) if length > 0]
         out = [b""] * len(ranges)
         if wanted:

@@ -136,8 +136,8 @@ class ReadCounter:
 
     def __init__(self, monkeypatch):
         self.by_file: collections.Counter[str] = collections.Counter()
-        self._wrap(monkeypatch, "read_range", lambda args, out: (args[0], len(out)))
-        self._wrap(monkeypatch, "read_bytes", lambda args, out: (args[0], len(out)))
+        self._wrap(monkeypatch, "read_ranges", lambda args, out: [(r[0], len(b)) for r, b in zip(args[0], out)])
+        self._wrap(monkeypatch, "read_bytes", lambda args, out: [(args[0], len(out))])
         original_open = Storage.open_local
         counter = self
 
@@ -151,8 +151,8 @@ class ReadCounter:
 
         def counted(storage, *args, **kwargs):
             out = original(storage, *args, **kwargs)
-            path, nbytes = measure(args, out)
-            self.by_file[path] += nbytes
+            for path, nbytes in measure(args, out):
+                self.by_file[path] += nbytes
             return out
 
         monkeypatch.setattr(Storage, method, counted)

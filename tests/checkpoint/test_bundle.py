@@ -218,8 +218,9 @@ def test_opening_reads_only_the_index_and_get_reads_only_that_tensor(memory_root
     tensors = {f"t{i}": np.full(250_000, i, np.float32) for i in range(8)}  # 1 MB each
     prefix = writer.write_checkpoint(memory_root + "/m", tensors, num_shards=2)
     reads = []
-    real_range, real_bytes = Storage.read_range, Storage.read_bytes
-    monkeypatch.setattr(Storage, "read_range", lambda s, p, o, n: reads.append((p, n)) or real_range(s, p, o, n))
+    real_ranges, real_bytes = Storage.read_ranges, Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_ranges",
+                        lambda s, ranges: reads.extend((p, n) for p, _, n in ranges) or real_ranges(s, ranges))
     monkeypatch.setattr(Storage, "read_bytes", lambda s, p: reads.append((p, -1)) or real_bytes(s, p))
     r = reader.CheckpointReader(prefix)
     assert [p for p, _ in reads] == [prefix + ".index"]

@@ -15,7 +15,7 @@ def test_write_read_range_and_glob(any_root):
     path = storage.join(base, "a.bin")
     storage.write_bytes(path, b"0123456789")
     assert storage.read_bytes(path) == b"0123456789"
-    assert storage.read_range(path, 3, 4) == b"3456"
+    assert storage.read_ranges([(path, 3, 4), (path, 0, 0), (path, 8, 5)]) == [b"3456", b"", b"89"]
     assert storage.size(path) == 10
     assert storage.glob(storage.join(base, "*.bin")) == [path]
     storage.rm(path)
