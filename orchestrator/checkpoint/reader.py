@@ -227,12 +227,15 @@ class CheckpointReader:
     def _read_bytes(self, entry: TensorEntry) -> tuple[np.ndarray, int]:
         """The entry's stored bytes (writable uint8 array, bounds-checked first) and their CRC32C."""
         self._check_in_file(entry)
-        if self._storage.is_local:
-            buf, checksum = _read_local(self._local_file(entry.shard_id), entry.offset, entry.size)
-        else:
-            buf, checksum = _read_remote_ranges(self._storage, [(self._data_path(entry), entry.offset, entry.size)])[0]
+        [(buf, checksum)] = self._read_entries([entry])
         self._check_complete(entry, buf)
         return buf, checksum
+
+    def _read_entries(self, entries: list[TensorEntry]) -> list[tuple[np.ndarray, int]]:
+        """Each entry's stored bytes (a fresh writable array) and their CRC32C, read together."""
+        if self._storage.is_local:
+            return _read_local_ranges([(self._local_file(e.shard_id), e.offset, e.size) for e in entries])
+        return _read_remote_ranges(self._storage, [(self._data_path(e), e.offset, e.size) for e in entries])
 
     def _check_complete(self, entry: TensorEntry, buf: np.ndarray) -> None:
         if buf.nbytes != entry.size:
@@ -265,12 +268,8 @@ class CheckpointReader:
     def _fetch_pod(self, pieces: list[TensorEntry]) -> dict[str, np.ndarray]:
         """The CRC-checked values of plain-data entries, read together in file order."""
         pieces = sorted(pieces, key=lambda e: (e.shard_id, e.offset))
-        if self._storage.is_local:
-            results = _read_local_ranges([(self._local_file(p.shard_id), p.offset, p.size) for p in pieces])
-        else:
-            results = _read_remote_ranges(self._storage, [(self._data_path(p), p.offset, p.size) for p in pieces])
         values = {}
-        for piece, (buf, checksum) in zip(pieces, results):
+        for piece, (buf, checksum) in zip(pieces, self._read_entries(pieces)):
             self._check_complete(piece, buf)
             values[piece.name] = self._pod_value(piece, buf, checksum)
         return values
@@ -343,11 +342,6 @@ def _batches(ranges: list[tuple[str, int, int]], limit: int):
         total += item[2]
     if batch:
         yield batch
-
-
-def _read_local(f: LocalFile, offset: int, size: int) -> tuple[np.ndarray, int]:
-    """Read one byte range of a local file into a fresh writable buffer; return it with its CRC32C."""
-    return _read_local_ranges([(f, offset, size)])[0]
 
 
 def _read_local_ranges(ranges: list[tuple[LocalFile, int, int]]) -> list[tuple[np.ndarray, int]]:
