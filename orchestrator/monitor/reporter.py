@@ -10,13 +10,14 @@ every hook takes the reporter's lock.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from orchestrator.config import JobConfig, redact
 from orchestrator.monitor.events import EventFileWriter
@@ -27,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 TENSORBOARD_SUBDIR = "tensorboard"
 SUMMARY_FILE = "summary.json"
+
+
+def _dropped_after_close(hook: Callable[..., None]) -> Callable[..., None]:
+    """Run the hook under the reporter's lock, unless the run's summary is already out.
+
+    A late event (e.g. a save that commits while the job shuts down) is dropped: the
+    event file is closed and the summary printed.
+    """
+    @functools.wraps(hook)
+    def guarded(self: "Reporter", *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            if self._summary is None:
+                hook(self, *args, **kwargs)
+    return guarded
 
 
 class Reporter:
@@ -63,58 +78,48 @@ class Reporter:
         return self._events.path if self._events else None
 
     # ------------------------------------------------------------------ hooks
+    @_dropped_after_close
     def on_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """After global step ``step``; ``metrics`` usually holds loss and accuracy."""
-        with self._lock:
-            if self._summary is not None:
-                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
-            scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-            scalars.update(self._timing(step, scalars))
-            self._metrics.update({k: v for k, v in scalars.items() if k in ("loss", "accuracy")})
-            self._state.step = step
-            self._state.loss = scalars.get("loss", self._state.loss)
-            self._state.accuracy = scalars.get("accuracy", self._state.accuracy)
-            self._state.examples_per_sec = scalars.get("examples_per_sec", self._state.examples_per_sec)
-            self._write_scalars(step, scalars)
-            self._display.update(self._state)
+        scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        scalars.update(self._timing(step, scalars))
+        self._metrics.update({k: v for k, v in scalars.items() if k in ("loss", "accuracy")})
+        self._state.step = step
+        self._state.loss = scalars.get("loss", self._state.loss)
+        self._state.accuracy = scalars.get("accuracy", self._state.accuracy)
+        self._state.examples_per_sec = scalars.get("examples_per_sec", self._state.examples_per_sec)
+        self._write_scalars(step, scalars)
+        self._display.update(self._state)
 
+    @_dropped_after_close
     def on_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Held-out metrics at ``step``: TensorBoard ``eval/<name>`` and one line."""
-        with self._lock:
-            if self._summary is not None:
-                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
-            scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-            self._metrics.update({f"eval_{k}": v for k, v in scalars.items()})
-            self._write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
-            text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items()))
-            self._display.message(f"eval at step {step}: {text}")
+        scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        self._metrics.update({f"eval_{k}": v for k, v in scalars.items()})
+        self._write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+        text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items()))
+        self._display.message(f"eval at step {step}: {text}")
 
+    @_dropped_after_close
     def on_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
         """A checkpoint of ``step`` was committed after ``seconds`` of writing ``nbytes``."""
-        with self._lock:
-            if self._summary is not None:
-                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
-            self._state.last_checkpoint_step = step
-            self._state.last_checkpoint_secs = float(seconds)
-            self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
-            self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
+        self._state.last_checkpoint_step = step
+        self._state.last_checkpoint_secs = float(seconds)
+        self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
+        self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
 
+    @_dropped_after_close
     def on_failure(self, cause: Any) -> None:
         """A worker or step failed; ``cause`` is an exception or a message."""
-        with self._lock:
-            if self._summary is not None:
-                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
-            self._failures += 1
-            self._display.message(redact(f"failure #{self._failures}: {cause}"))
+        self._failures += 1
+        self._display.message(redact(f"failure #{self._failures}: {cause}"))
 
+    @_dropped_after_close
     def on_recovery(self, seconds: float) -> None:
         """Training resumed ``seconds`` after the last failure."""
-        with self._lock:
-            if self._summary is not None:
-                return  # the run's summary is out: a late event (e.g. a save finishing at shutdown) is dropped
-            self._recovered += 1
-            self._recovery_s += float(seconds)
-            self._display.message(f"recovered in {seconds:.1f} s; training continues")
+        self._recovered += 1
+        self._recovery_s += float(seconds)
+        self._display.message(f"recovered in {seconds:.1f} s; training continues")
 
     # ------------------------------------------------------------------ end
     def close(self, result: Any = None, status: str | None = None) -> RunSummary:
