@@ -39,6 +39,14 @@ def _open_fds_to(path: str) -> int:
     return count
 
 
+def _flip_byte(path: str, position: int, mask: int = 0x04) -> None:
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ mask]))
+
+
 def test_threads_reading_one_reader_at_once_all_get_exact_values(tmp_path, small_chunks, tensors):
     prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors, num_shards=2)
     ckpt = load_checkpoint(prefix)
@@ -68,16 +76,10 @@ def test_a_flipped_bit_in_any_chunk_is_caught(tmp_path, small_chunks):
     entry = load_checkpoint(prefix).entry("w")
     data_path = prefix + ".data-00000-of-00001"
     for where in (0, CHUNK - 1, CHUNK, 3 * CHUNK + 17, entry.size - 1):
-        with open(data_path, "r+b") as f:
-            f.seek(entry.offset + where)
-            byte = f.read(1)[0]
-            f.seek(-1, 1)
-            f.write(bytes([byte ^ 0x80]))
+        _flip_byte(data_path, entry.offset + where, 0x80)
         with pytest.raises(CRCMismatchError, match="'w'"):
             load_checkpoint(prefix).get_tensor("w")
-        with open(data_path, "r+b") as f:  # put it back: the next position starts clean
-            f.seek(entry.offset + where)
-            f.write(bytes([byte]))
+        _flip_byte(data_path, entry.offset + where, 0x80)  # put it back: the next position starts clean
         np.testing.assert_array_equal(load_checkpoint(prefix).get_tensor("w"), value)
 
 
@@ -150,14 +152,6 @@ def test_local_file_reads_at_offsets_and_stops_at_the_end(tmp_path):
 
 
 # ---------------------------------------------------------------------------- get_tensors
-def _flip_byte(path: str, position: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(-1, 1)
-        f.write(bytes([byte ^ 0x04]))
-
-
 def test_get_tensors_reads_each_stored_byte_once(tmp_path, small_chunks, tensors, monkeypatch):
     tensors = dict(tensors, label=np.array([b"x", b"yz"], dtype=object), step=np.array(7, np.int64))
     prefix = write_checkpoint(str(tmp_path / "ckpt"), tensors, num_shards=3)

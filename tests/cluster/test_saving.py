@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
+import ray
 
 from orchestrator.checkpoint import bundle
 from orchestrator.checkpoint.reader import CheckpointReader
+from orchestrator.cluster import coordinator as coordinator_module
+from orchestrator.cluster.coordinator import SaveRecord, _InFlightSave
 
-from .conftest import make_config
+from .conftest import make_config, with_changes
 
 RECIPE = dict(hidden=(16,), optimizer="adam", learning_rate=1e-3, batch=32)
 
@@ -90,15 +94,6 @@ def test_save_policy_by_steps_and_seconds():
 
 def test_hung_shard_writes_share_one_deadline(tmp_path, run_coordinator, monkeypatch):
     """Three shards that never finish fail the save after one timeout, not one per shard."""
-    import time
-
-    import ray
-
-    from orchestrator.cluster import coordinator as coordinator_module
-    from orchestrator.cluster.coordinator import SaveRecord, _InFlightSave
-
-    from .conftest import with_changes
-
     monkeypatch.setattr(coordinator_module, "CONTROL_TIMEOUT_S", 0.0)
     config = make_config(str(tmp_path / "ckpt"), workers=2, steps=2, step_timeout_s=1.0, **RECIPE)
     coordinator = run_coordinator(with_changes(config, fault_tolerance={"grace_period_s": 0.5}))
