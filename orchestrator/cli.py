@@ -59,6 +59,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from orchestrator.config import schema_text
+
+    print(schema_text(), end="")
+    return EXIT_OK
+
+
 class _RedactFilter(logging.Filter):
     """Removes env-resolved secret values from every log record."""
 
@@ -282,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--show", action="store_true", help="also print the full config with defaults filled in")
     p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a job config (for editors)",
+                       description="Print the JSON Schema job YAML files are checked against "
+                                   "(the same as docs/job.schema.json; see docs/config.md for the editor hint).")
+    p.set_defaults(handler=cmd_schema)
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint",
                        description="List a checkpoint's tensors (name, dtype, shape, size, shard).")

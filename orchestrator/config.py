@@ -1,8 +1,11 @@
-"""Job configuration: YAML -> validated, grouped, frozen dataclasses.
+"""Job configuration: YAML -> validated, grouped, frozen pydantic models.
 
 ``load_config(path, overrides)`` composes the YAML into nodes (not plain objects) so
-every value keeps the line it came from; each problem then becomes ONE ``ConfigError``
-naming the file, line and dotted key, before anything is started or written.
+every value keeps the line it came from; pydantic validates the plain values against
+``JobConfig``, and the first problem becomes ONE ``ConfigError`` naming the file, line
+and dotted key, before anything is started or written. The models validate wherever
+they are built (``JobConfig(...)`` in code raises ``ConfigError`` too), are frozen, and
+``cfg.replace(train={"steps": 5})`` is the validated way to derive one from another.
 
 Environment variable references (``${VAR}``, ``${oc.env:VAR}``, ``${oc.env:VAR,default}``)
 are resolved at load time into an ``EnvValue`` (a ``str`` remembering its reference), so
@@ -11,27 +14,49 @@ the value is a credential, a ``Secret``: it works wherever a string does (s3fs g
 real key) but its ``repr`` shows only the reference, and ``redact`` removes it from free
 text, for log handlers.
 
-The schema is the dataclasses below; each field's metadata holds its doc and its rule,
-and ``scripts/gen_config_doc.py`` renders docs/config.md from them.
+The models are the schema: ``json_schema()`` (``orchestrator schema``, docs/job.schema.json)
+and docs/config.md (``scripts/gen_config_doc.py``) are generated from them.
+
+Adding a key
+------------
+- A key: one line in its group, ``name: Type = _key(default, "one-line doc", rules.BOUND)``.
+  Strings are ``Text`` (so a ``${VAR}`` in them is written back by ``dump_config``); enums are
+  ``str`` Enums declared with ``_choice(...)``; a key without a default is required.
+- A group: a ``_Group`` subclass whose docstring is its doc, added as a field of ``JobConfig``
+  with ``Field(default_factory=...)``.
+- A range rule: a ``Bound`` in ``orchestrator/rules.py`` when the library's Python API checks
+  the same value (it calls ``rules.X.check(...)``), else ``Bound(...)`` inline.
+- A rule over several keys: a ``@model_validator(mode="after")`` on the smallest group holding
+  them, raising ``Problem(message, key=..., at=...)`` so the error points at the key to change.
+- Then ``python scripts/gen_config_doc.py`` (docs/config.md and docs/job.schema.json) and a
+  case in tests/test_config.py; docs/config.md says what each key does.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import enum
+import json
 import os
 import re
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Mapping, Optional, Sequence, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema
+
+from orchestrator import rules
+from orchestrator.errors import OrchestratorError
+from orchestrator.rules import Bound
 
 __all__ = [
     "ConfigError", "EnvValue", "Secret", "redact", "load_config", "dump_config", "config_to_dict", "parse_options",
-    "JobConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "WorkersConfig",
+    "json_schema", "JobConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "WorkersConfig",
     "ResourcesConfig", "CheckpointConfig", "FaultToleranceConfig", "ClusterConfig",
     "LoggingConfig", "Device", "ModelKind", "Activation", "Dataset", "OptimizerName",
     "BestMode", "LogLevel", "ProgressMode",
@@ -39,13 +64,13 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- errors
-class ConfigError(ValueError):
+class ConfigError(OrchestratorError, ValueError):
     """One problem in a job config, located by file (or ``--set`` argument), line and key."""
 
     def __init__(self, message: str, file: str | None = None, line: int | None = None,
                  key: str | None = None):
         super().__init__(message)
-        self.message, self.file, self.line, self.key = message, file, line, key
+        self.file, self.line, self.key = file, line, key
 
     def __reduce__(self):
         return (type(self), (self.message, self.file, self.line, self.key))
@@ -66,6 +91,15 @@ class _Loc:
 
     def error(self, key: str | None, message: str) -> ConfigError:
         return ConfigError(message, self.file, self.line, key)
+
+
+class Problem(ValueError):
+    """Raised by a model validator: ``message`` about ``key`` (relative to the group), whose
+    error line is that of ``at`` (default: ``key`` itself)."""
+
+    def __init__(self, message: str, key: str | None = None, at: str | None = None):
+        super().__init__(message)
+        self.message, self.key, self.at = message, key, at or key
 
 
 # ---------------------------------------------------------------------------- secrets
@@ -133,6 +167,17 @@ def _resolve_env(text: str, loc: _Loc, key: str, environ: Mapping[str, str], sec
     return kind(_ENV_REF.sub(substitute, text), text)
 
 
+def _env_scalar(value: Any) -> Any:
+    """An env value standing for a number or boolean is parsed by YAML scalar rules."""
+    if not isinstance(value, EnvValue):
+        return value
+    try:
+        parsed = yaml.safe_load(str.__str__(value))
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, (bool, int, float)) else value
+
+
 # ---------------------------------------------------------------------------- enums
 class Device(str, enum.Enum):
     CPU = "cpu"
@@ -163,9 +208,8 @@ class OptimizerName(str, enum.Enum):
     ADAM = "adam"
 
 
-class BestMode(str, enum.Enum):
-    MIN = "min"
-    MAX = "max"
+BestMode = enum.Enum("BestMode", {mode.upper(): mode for mode in rules.BEST_MODES}, type=str, module=__name__)
+BestMode.__doc__ = "Whether a lower (min) or higher (max) best_metric is better."
 
 
 class LogLevel(str, enum.Enum):
@@ -182,180 +226,330 @@ class ProgressMode(str, enum.Enum):
     NONE = "none"
 
 
-# ---------------------------------------------------------------------------- rules
-@dataclass(frozen=True)
-class Rule:
-    """A range check on one value; ``text`` completes "must be ..."."""
-
-    text: str
-    check: Callable[[Any], bool]
+# ---------------------------------------------------------------------------- schema building blocks
+def _keep_reference(value: Any, handler) -> Any:
+    """Validate as a string, but hand back an ``EnvValue`` itself so its reference survives."""
+    checked = handler(value)
+    return value if isinstance(value, EnvValue) else checked
 
 
-def _ge(lo) -> Rule:
-    return Rule(f">= {lo}", lambda v: v >= lo)
+# A string key. Plain ``str`` would drop the ``${VAR}`` reference dump_config writes back.
+Text = Annotated[str, WrapValidator(_keep_reference)]
+
+# Patterns and what "must be ..." says when a value does not match one.
+_NAME = r"^(?!\.\.?$)[^/]*[^/\s][^/]*$"
+_NOT_BLANK = r"\S"
+_PATTERN_TEXT = {_NAME: "a name without '/' (not blank, '.' or '..')", _NOT_BLANK: "a non-blank string"}
 
 
-def _gt(lo) -> Rule:
-    return Rule(f"> {lo}", lambda v: v > lo)
+def _key(default: Any = ..., doc: str = "", bound: Bound | None = None, **kwargs: Any) -> Any:
+    """A schema key: its default (``...`` = required), one-line doc and optional range."""
+    limits = bound.limits() if bound else {}
+    return Field(default, description=doc, **limits, **kwargs)  # a list or dict default is copied per model
 
 
-def _prob() -> Rule:
-    return Rule("in (0, 1]", lambda v: 0 < v <= 1)
+def _choice(default: enum.Enum, doc: str) -> Any:
+    """An enum key: YAML gives the value's text, so the enum is matched by value (lax)."""
+    return Field(default, description=doc, strict=False)
 
 
-def _unit() -> Rule:
-    return Rule("in [0, 1)", lambda v: 0 <= v < 1)
+# True while a validation that turns pydantic's errors into one ConfigError is under way.
+_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("_VALIDATING", default=False)
 
 
-def _each_gt(lo) -> Rule:
-    return Rule(f"a list of integers > {lo}", lambda v: all(x > lo for x in v))
+class _Group(BaseModel):
+    """A group of keys: unknown keys rejected, exact types, frozen, finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+                              regex_engine="python-re", validate_default=False)
+
+    def __init__(self, **data: Any):
+        """Built in code: a problem is a ``ConfigError`` too (pydantic also calls this for nested
+        groups; those errors travel up, with their path, to the outermost validation)."""
+        if _VALIDATING.get():
+            super().__init__(**data)
+            return
+        token = _VALIDATING.set(True)
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc, type(self), lambda key: _Loc("<config>")) from None
+        finally:
+            _VALIDATING.reset(token)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env_scalars(cls, data: Any) -> Any:
+        """``seed: ${SEED}`` -> 7: an env value for a number or boolean key is parsed as YAML."""
+        if not isinstance(data, dict):
+            return data
+        return {name: _env_scalar(value) if _is_scalar_key(cls.model_fields.get(name)) else value
+                for name, value in data.items()}
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes``; a mapping given for a group changes only its keys."""
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        for name, value in changes.items():
+            current = data.get(name)
+            if isinstance(current, _Group) and isinstance(value, Mapping):
+                value = current.replace(**value)
+            data[name] = value
+        return type(self)(**data)
 
 
-def _opt(default, doc: str, rule: Rule | None = None, *, required: bool = False):
-    """A schema field: its default, one-line doc and optional range rule."""
-    meta = {"doc": doc, "rule": rule, "required": required}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def _schema_if(present: dict, needed: dict) -> dict:
+    """JSON Schema for "when these keys hold these values, those keys must be given like so"."""
+    return {"if": {"properties": present, "required": list(present)},
+            "then": {"properties": needed, "required": list(needed)}}
+
+
+def _is_scalar_key(info: FieldInfo | None) -> bool:
+    return info is not None and _unwrap_optional(info.annotation) in (int, float, bool)
 
 
 # ---------------------------------------------------------------------------- schema
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Group):
     """The network trained."""
 
-    kind: ModelKind = _opt(ModelKind.MLP, "network family")
-    hidden: list[int] = _opt([625, 625], "hidden layer widths (mlp only)", _each_gt(0))
-    activation: Activation = _opt(Activation.RELU, "hidden layer activation")
-    keep_prob_input: float = _opt(0.8, "dropout keep probability on the input", _prob())
-    keep_prob_hidden: float = _opt(0.5, "dropout keep probability after each hidden layer", _prob())
+    kind: ModelKind = _choice(ModelKind.MLP, "network family")
+    hidden: list[Annotated[int, Field(**rules.WIDTH.limits())]] = _key(
+        [625, 625], "hidden layer widths (mlp only)")
+    activation: Activation = _choice(Activation.RELU, "hidden layer activation")
+    keep_prob_input: float = _key(0.8, "dropout keep probability on the input", rules.PROBABILITY)
+    keep_prob_hidden: float = _key(0.5, "dropout keep probability after each hidden layer", rules.PROBABILITY)
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Group):
     """Where training examples come from."""
 
-    dataset: Dataset = _opt(Dataset.DIGITS, "dataset: digits (bundled), mnist (IDX files), synthetic")
-    path: Optional[str] = _opt(None, "mnist: directory or URL holding the IDX files (required for mnist)")
-    storage_options: dict[str, Any] = _opt({}, "fsspec options for `path` (may hold ${VAR} references)")
-    num_examples: int = _opt(10000, "synthetic only: number of training examples", _gt(0))
-    input_dim: int = _opt(784, "synthetic only: features per example", _gt(0))
-    num_classes: int = _opt(10, "synthetic only: number of classes", _ge(2))
-    global_batch_size: int = _opt(128, "examples per global step, split across workers", _gt(0))
+    model_config = ConfigDict(json_schema_extra={"allOf": [  # _needs_path, for editors
+        _schema_if({"dataset": {"const": "mnist"}}, {"path": {"type": "string", "minLength": 1}})]})
+
+    dataset: Dataset = _choice(Dataset.DIGITS, "dataset: digits (bundled), mnist (IDX files), synthetic")
+    path: Optional[Text] = _key(None, "mnist: directory or URL holding the IDX files (required for mnist)")
+    storage_options: dict[str, Any] = _key({}, "fsspec options for `path` (may hold ${VAR} references)")
+    num_examples: int = _key(10000, "synthetic only: number of training examples", rules.EXAMPLES)
+    input_dim: int = _key(784, "synthetic only: features per example", rules.WIDTH)
+    num_classes: int = _key(10, "synthetic only: number of classes", rules.CLASSES)
+    global_batch_size: int = _key(128, "examples per global step, split across workers", rules.BATCH)
+
+    @model_validator(mode="after")
+    def _needs_path(self):
+        if self.dataset is Dataset.MNIST and not self.path:
+            raise Problem("dataset mnist needs data.path: the directory or URL of the IDX files",
+                          key="path", at="dataset")
+        return self
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(_Group):
     """The update rule and its hyperparameters."""
 
-    name: OptimizerName = _opt(OptimizerName.RMSPROP, "optimizer")
-    learning_rate: float = _opt(0.001, "learning rate", _gt(0))
-    momentum: float = _opt(0.0, "momentum (momentum, rmsprop)", _unit())
-    decay: float = _opt(0.9, "rmsprop decay of the squared-gradient average", _unit())
-    beta1: float = _opt(0.9, "adam first-moment decay", _unit())
-    beta2: float = _opt(0.999, "adam second-moment decay", _unit())
-    epsilon: float = _opt(1.0e-10, "numerical stabiliser", _gt(0))
+    name: OptimizerName = _choice(OptimizerName.RMSPROP, "optimizer")
+    learning_rate: float = _key(0.001, "learning rate", rules.LEARNING_RATE)
+    momentum: float = _key(0.0, "momentum (momentum, rmsprop)", rules.DECAY)
+    decay: float = _key(0.9, "rmsprop decay of the squared-gradient average", rules.DECAY)
+    beta1: float = _key(0.9, "adam first-moment decay", rules.DECAY)
+    beta2: float = _key(0.999, "adam second-moment decay", rules.DECAY)
+    epsilon: float = _key(1.0e-10, "numerical stabiliser", rules.EPSILON)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Group):
     """How long to train and how often to report."""
 
-    steps: int = _opt(300, "total global steps", _gt(0))
-    log_every_steps: int = _opt(10, "steps between progress log lines", _gt(0))
-    eval_every_steps: int = _opt(100, "steps between evaluations (0 = only at the end)", _ge(0))
+    steps: int = _key(300, "total global steps", rules.STEPS)
+    log_every_steps: int = _key(10, "steps between progress log lines", Bound(gt=0))
+    eval_every_steps: int = _key(100, "steps between evaluations (0 = only at the end)", Bound(ge=0))
 
 
-@dataclass(frozen=True)
-class WorkersConfig:
+class WorkersConfig(_Group):
     """Number of Ray worker actors: `workers: N` means {min: N, max: N}; `{min: a, max: b}` is elastic
     (a mapping with only one of the two uses it for both)."""
 
-    min: int = _opt(2, "fewest workers the job runs with", _ge(1))
-    max: int = _opt(2, "workers started when resources allow", _ge(1))
+    min: int = _key(2, "fewest workers the job runs with", rules.WORKERS)
+    max: int = _key(2, "workers started when resources allow", rules.WORKERS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """``workers: N`` -> {min: N, max: N}; ``{min: a}`` -> {min: a, max: a} (and the reverse)."""
+        data = _env_scalar(data)
+        if isinstance(data, int) and not isinstance(data, bool):
+            if not rules.WORKERS.holds(data):
+                raise Problem(rules.WORKERS.problem(data))
+            return {"min": data, "max": data}
+        if isinstance(data, dict):
+            if "min" in data and "max" not in data:
+                return {**data, "max": data["min"]}
+            if "max" in data and "min" not in data:
+                return {**data, "min": data["max"]}
+            return data
+        if isinstance(data, WorkersConfig):
+            return data
+        raise Problem(f"expected an integer or {{min: N, max: M}}, got {_type_name(data)} {_show(data)}")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise Problem(rules.min_exceeds_max(self.min, self.max), key="min")
+        return self
 
 
-@dataclass(frozen=True)
-class ResourcesConfig:
+class ResourcesConfig(_Group):
     """Ray resources requested per worker actor."""
 
-    cpus_per_worker: float = _opt(1.0, "Ray num_cpus per worker actor", _ge(0))
-    gpus_per_worker: Optional[float] = _opt(None, "Ray num_gpus per worker; null = 1 if device is gpu else 0", _ge(0))
+    cpus_per_worker: float = _key(1.0, "Ray num_cpus per worker actor", Bound(ge=0))
+    gpus_per_worker: Optional[float] = _key(
+        None, "Ray num_gpus per worker; null = 1 if device is gpu else 0", Bound(ge=0))
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Group):
     """Where and how often checkpoints are written, and which are kept."""
 
-    dir: str = _opt(None, "local path or fsspec URL (s3://..., gs://...) of the checkpoint directory",
-                    required=True)
-    storage_options: dict[str, Any] = _opt({}, "fsspec options for `dir`; may hold ${VAR} references, never written back")
-    save_every_steps: int = _opt(100, "steps between checkpoints (0 = off)", _ge(0))
-    save_every_secs: Optional[float] = _opt(None, "seconds between checkpoints (null = off)", _gt(0))
-    max_to_keep: Optional[int] = _opt(5, "most recent checkpoints kept (0 or null = keep all)", _ge(0))
-    keep_checkpoint_every_n_hours: Optional[float] = _opt(None, "also keep one checkpoint per this many hours", _gt(0))
-    best_metric: Optional[str] = _opt(None, "metric used for best-k retention, e.g. loss or accuracy")
-    best_mode: BestMode = _opt(BestMode.MIN, "min: lower best_metric is better; max: higher is better")
-    keep_best: Optional[int] = _opt(None, "keep the k best checkpoints by best_metric", _ge(1))
-    async_save: bool = _opt(True, "write checkpoints in the background while training continues")
-    fsync: bool = _opt(True, "fsync data files before the checkpoint is committed")
+    model_config = ConfigDict(json_schema_extra={"allOf": [  # _combinations, for editors
+        _schema_if({"save_every_steps": {"const": 0}}, {"save_every_secs": {"type": "number"}}),
+        _schema_if({"keep_best": {"type": "integer"}}, {"best_metric": {"type": "string", "minLength": 1}})]})
+
+    dir: Text = _key(..., "local path or fsspec URL (s3://..., gs://...) of the checkpoint directory",
+                     pattern=_NOT_BLANK)
+    storage_options: dict[str, Any] = _key(
+        {}, "fsspec options for `dir`; may hold ${VAR} references, never written back")
+    save_every_steps: int = _key(100, "steps between checkpoints (0 = off)", Bound(ge=0))
+    save_every_secs: Optional[float] = _key(None, "seconds between checkpoints (null = off)", Bound(gt=0))
+    max_to_keep: Optional[int] = _key(5, "most recent checkpoints kept (0 or null = keep all)", rules.MAX_TO_KEEP)
+    keep_checkpoint_every_n_hours: Optional[float] = _key(
+        None, "also keep one checkpoint per this many hours", rules.KEEP_EVERY_N_HOURS)
+    best_metric: Optional[Text] = _key(None, "metric used for best-k retention, e.g. loss or accuracy")
+    best_mode: BestMode = _choice(BestMode.MIN, "min: lower best_metric is better; max: higher is better")
+    keep_best: Optional[int] = _key(None, "keep the k best checkpoints by best_metric", rules.KEEP_BEST)
+    async_save: bool = _key(True, "write checkpoints in the background while training continues")
+    fsync: bool = _key(True, "fsync data files before the checkpoint is committed")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if not self.save_every_steps and self.save_every_secs is None:
+            raise Problem("checkpointing is off: set save_every_steps > 0 or save_every_secs",
+                          key="save_every_steps")
+        if self.keep_best is not None and not self.best_metric:
+            raise Problem(rules.KEEP_BEST_NEEDS_METRIC, key="keep_best")
+        return self
 
 
-@dataclass(frozen=True)
-class FaultToleranceConfig:
+class FaultToleranceConfig(_Group):
     """How failures and preemption are handled."""
 
-    max_failures: int = _opt(3, "restarts allowed over the job (-1 = unlimited)", _ge(-1))
-    backoff_s: float = _opt(1.0, "base wait before a restart", _ge(0))
-    step_timeout_s: float = _opt(120.0, "a step slower than this counts as a worker failure", _gt(0))
-    grace_period_s: float = _opt(30.0, "time allowed for the emergency checkpoint on preemption", _gt(0))
-    preemption_notice_file: Optional[str] = _opt(None, "a file whose appearance announces preemption")
-    min_workers_timeout_s: float = _opt(60.0, "how long to wait for workers.min workers to be placed", _ge(0))
+    max_failures: int = _key(3, "restarts allowed over the job (-1 = unlimited)", rules.MAX_FAILURES)
+    backoff_s: float = _key(1.0, "base wait before a restart", rules.BACKOFF_S)
+    step_timeout_s: float = _key(120.0, "a step slower than this counts as a worker failure", Bound(gt=0))
+    grace_period_s: float = _key(30.0, "time allowed for the emergency checkpoint on preemption", Bound(gt=0))
+    preemption_notice_file: Optional[Text] = _key(None, "a file whose appearance announces preemption")
+    min_workers_timeout_s: float = _key(60.0, "how long to wait for workers.min workers to be placed", Bound(ge=0))
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(_Group):
     """Which Ray cluster runs the job."""
 
-    address: Optional[str] = _opt(
+    address: Optional[Text] = _key(
         None, 'Ray address; null = RAY_ADDRESS or an in-process local Ray; "auto" joins the local cluster')
-    num_cpus: Optional[int] = _opt(
-        None, "in-process Ray only: logical CPUs (null = max(8, workers.max * cpus_per_worker))", _gt(0))
+    num_cpus: Optional[int] = _key(
+        None, "in-process Ray only: logical CPUs (null = max(8, workers.max * cpus_per_worker))", Bound(gt=0))
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
+class LoggingConfig(_Group):
     """What the operator sees."""
 
-    level: LogLevel = _opt(LogLevel.INFO, "log level")
-    progress: ProgressMode = _opt(ProgressMode.AUTO, "auto: live line on a terminal, plain lines otherwise")
-    tensorboard: bool = _opt(True, "write TensorBoard event files under <run_dir>/tensorboard")
+    level: LogLevel = _choice(LogLevel.INFO, "log level")
+    progress: ProgressMode = _choice(ProgressMode.AUTO, "auto: live line on a terminal, plain lines otherwise")
+    tensorboard: bool = _key(True, "write TensorBoard event files under <run_dir>/tensorboard")
 
 
-@dataclass(frozen=True)
-class JobConfig:
+class JobConfig(_Group):
     """One training job."""
 
-    name: str = _opt(None, "job name", required=True)
-    run_dir: Optional[str] = _opt(
+    name: Text = _key(..., "job name", pattern=_NAME)
+    run_dir: Optional[Text] = _key(
         None, "local directory for logs, TensorBoard events and the run summary (null = runs/<name>)")
-    seed: int = _opt(0, "seed of initialisation, data order and dropout", _ge(0))
-    device: Device = _opt(Device.CPU, "where steps run: cpu, gpu or auto")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    checkpoint: CheckpointConfig = _opt(None, "checkpointing", required=True)
-    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
-    resume: str = _opt("auto", "auto (latest checkpoint in checkpoint.dir), never, or a checkpoint prefix/directory")
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = _key(0, "seed of initialisation, data order and dropout", Bound(ge=0))
+    device: Device = _choice(Device.CPU, "where steps run: cpu, gpu or auto")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = Field(description="checkpointing")
+    fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
+    resume: Text = _key("auto", "auto (latest checkpoint in checkpoint.dir), never, or a checkpoint prefix/directory",
+                        pattern=_NOT_BLANK)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_run_dir(cls, data: Any) -> Any:
+        """run_dir null -> runs/<name>."""
+        if isinstance(data, dict) and data.get("run_dir") is None and isinstance(data.get("name"), str):
+            return {**data, "run_dir": os.path.join("runs", data["name"])}
+        return data
 
 
-def is_group(tp) -> bool:
-    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _group_of(tp: Any) -> type[_Group] | None:
+    tp = _unwrap_optional(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, _Group) else None
+
+
+# What a ``${VAR}`` reference looks like to the schema (the loader resolves it before validation).
+_ENV_REF_SCHEMA = {"type": "string", "pattern": r"\$\{[^}]+\}"}
+
+
+class _SchemaGenerator(GenerateJsonSchema):
+    """Pydantic's JSON Schema without per-key titles (the descriptions say more)."""
+
+    def field_title_should_be_set(self, schema) -> bool:
+        return False
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a job YAML file (what editors validate and complete against).
+
+    Beyond pydantic's: ``workers`` also takes an integer, and a number or boolean key also
+    takes a ``${VAR}`` reference (resolved, then checked, when the config loads).
+    """
+    schema = JobConfig.model_json_schema(schema_generator=_SchemaGenerator)
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    schema["properties"]["workers"] = {
+        "anyOf": [{"type": "integer", **_json_limits(rules.WORKERS)}, {"$ref": "#/$defs/WorkersConfig"}],
+        "description": "N workers, or {min, max} for an elastic job"}
+    for group in [schema, *schema["$defs"].values()]:
+        for name, prop in group.get("properties", {}).items():
+            group["properties"][name] = _env_allowed(prop)
+    return schema
+
+
+def _json_limits(bound: Bound) -> dict:
+    names = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+    return {names[end]: value for end, value in bound.limits().items()}
+
+
+def _env_allowed(prop: dict) -> dict:
+    """A number/boolean key's schema, widened to also take a ``${VAR}`` reference."""
+    kinds = [prop.get("type")] + [option.get("type") for option in prop.get("anyOf", [])]
+    if not {"integer", "number", "boolean"} & set(kinds):
+        return prop
+    meta = {k: prop.pop(k) for k in ("default", "description") if k in prop}
+    options = prop.pop("anyOf", None) or [prop]
+    return {"anyOf": [*options, _ENV_REF_SCHEMA], **meta}
+
+
+def schema_text() -> str:
+    """``json_schema()`` as the text of docs/job.schema.json."""
+    return json.dumps(json_schema(), indent=2) + "\n"
 
 
 # ---------------------------------------------------------------------------- YAML -> located tree
@@ -366,6 +560,13 @@ class _Tree:
     values: dict
     locs: dict[str, _Loc]
     root: _Loc
+
+    def at(self, key: str) -> _Loc:
+        """Where ``key`` (or the closest enclosing key that was written) came from."""
+        key = re.sub(r"\[\d+\]", "", key)
+        while key and key not in self.locs:
+            key = key.rpartition(".")[0]
+        return self.locs.get(key, self.root)
 
 
 def _compose(text: str, file: str) -> yaml.Node | None:
@@ -470,7 +671,92 @@ def _relocate(tree: _Tree, key: str, loc: _Loc) -> None:
     tree.locs[key] = loc
 
 
-# ---------------------------------------------------------------------------- conversion
+# ---------------------------------------------------------------------------- pydantic errors -> ConfigError
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true/false)",
+             "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+             "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys"}
+_BOUND_ERRORS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+
+
+def _config_error(exc: ValidationError, model: type[_Group], where) -> ConfigError:
+    """The first problem pydantic found, in our words, located by ``where(dotted_key)``."""
+    error = exc.errors(include_url=False)[0]
+    loc = [part for part in error["loc"] if part != "[key]"]
+    message, loc, at = _describe(error, loc, model)
+    key = _dotted(loc)
+    return where(_dotted(at) if at is not None else key).error(key or None, message)
+
+
+def _dotted(loc: Sequence) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _describe(error: dict, loc: list, model: type[_Group]) -> tuple[str, list, list | None]:
+    """(message, key path, path whose line to show or None) for one pydantic error."""
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    problem = ctx.get("error")
+    if kind == "value_error" and isinstance(problem, Problem):
+        at = loc + problem.at.split(".") if problem.at else None
+        return problem.message, loc + (problem.key.split(".") if problem.key else []), at
+    if kind == "missing":
+        return "missing required key", loc, None
+    if kind == "extra_forbidden":
+        return "unknown key" + _suggest(str(loc[-1]), _model_at(model, loc[:-1])), loc, None
+    if kind in _EXPECTED:
+        what = _EXPECTED[kind]
+        if value is None:
+            return f"must not be null (expected {what})", loc, None
+        return f"expected {what}, got {_type_name(value)} {_show(value)}", loc, None
+    if kind == "enum":
+        return _enum_message(_field_at(model, loc), value), loc, None
+    if kind in _BOUND_ERRORS:
+        return _bound_at(model, loc, Bound(**{_BOUND_ERRORS[kind]: ctx[_BOUND_ERRORS[kind]]})).problem(value), loc, None
+    if kind == "finite_number":
+        return f"must be a finite number (got {_show(value)})", loc, None
+    if kind == "string_pattern_mismatch":
+        return f"must be {_PATTERN_TEXT.get(ctx.get('pattern'), 'a matching string')} (got {_show(value)})", loc, None
+    return str(problem) if problem is not None else error["msg"], loc, None
+
+
+def _model_at(model: type[_Group], loc: Sequence) -> type[_Group] | None:
+    for part in loc:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        model = _group_of(info.annotation) if info is not None else None
+        if model is None:
+            return None
+    return model
+
+
+def _field_at(model: type[_Group], loc: Sequence) -> FieldInfo | None:
+    parent = _model_at(model, loc[:-1]) if loc else None
+    return parent.model_fields.get(loc[-1]) if parent is not None and isinstance(loc[-1], str) else None
+
+
+def _bound_at(model: type[_Group], loc: Sequence, fallback: Bound) -> Bound:
+    """The whole range of the key (or list item) at ``loc``: pydantic reports only the end that failed."""
+    item = bool(loc) and isinstance(loc[-1], int)
+    info = _field_at(model, loc[:-1] if item else loc)
+    if info is None:
+        return fallback
+    metadata = list(info.metadata)
+    if item:  # list[Annotated[int, Field(...)]]: the limits sit on the item type
+        inner = typing.get_args(info.annotation)[0] if typing.get_args(info.annotation) else None
+        metadata = [m for extra in typing.get_args(inner)[1:] for m in getattr(extra, "metadata", [extra])]
+    ends = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in metadata
+            if type(m).__name__ in ("Gt", "Ge", "Lt", "Le")}
+    return Bound(**ends) if ends else fallback
+
+
+def _enum_message(info: FieldInfo | None, value: Any) -> str:
+    choices = [m.value for m in _unwrap_optional(info.annotation)] if info is not None else []
+    hint = difflib.get_close_matches(str(value), choices, n=1)
+    extra = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"must be one of {', '.join(choices)} (got {_show(value)}){extra}"
+
+
 def _type_name(value: Any) -> str:
     names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
              dict: "mapping", type(None): "null"}
@@ -480,202 +766,33 @@ def _type_name(value: Any) -> str:
 def _show(value: Any) -> str:
     if isinstance(value, Secret):
         return repr(value)
-    text = repr(value)
+    text = repr(str.__str__(value)) if isinstance(value, EnvValue) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _from_env_text(value: Any, tp) -> Any:
-    """An env value standing for a number or boolean is parsed by YAML scalar rules."""
-    if isinstance(value, EnvValue) and tp in (int, float, bool):
-        try:
-            return yaml.safe_load(str.__str__(value))
-        except yaml.YAMLError:
-            return value
-    return value
-
-
-def _convert(tp, value: Any, key: str, loc: _Loc) -> Any:
-    """Check ``value`` against the annotated type ``tp``; returns the typed value."""
-    tp, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise loc.error(key, f"must not be null (expected {_expected(tp)})")
-    value = _from_env_text(value, tp)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return _to_enum(tp, value, key, loc)
-    if tp is bool:
-        return _expect(isinstance(value, bool), value, value, "a boolean (true/false)", key, loc)
-    if tp is int:
-        return _expect(isinstance(value, int) and not isinstance(value, bool), value, value,
-                       "an integer", key, loc)
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return _expect(ok, value, float(value) if ok else value, "a number", key, loc)
-    if tp is str:
-        return _expect(isinstance(value, str), value, value, "a string", key, loc)
-    if typing.get_origin(tp) is list:
-        _expect(isinstance(value, list), value, value, "a list", key, loc)
-        item = typing.get_args(tp)[0]
-        return [_convert(item, v, f"{key}[{i}]", loc) for i, v in enumerate(value)]
-    if typing.get_origin(tp) is dict:
-        _expect(isinstance(value, dict), value, value, "a mapping", key, loc)
-        return _plain_mapping(value, key, loc)
-    raise TypeError(f"unsupported schema type {tp!r} for {key}")
-
-
-def _expected(tp) -> str:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(m.value for m in tp)
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a value")
-
-
-def _expect(ok: bool, raw: Any, value: Any, what: str, key: str, loc: _Loc) -> Any:
-    if not ok:
-        raise loc.error(key, f"expected {what}, got {_type_name(raw)} {_show(raw)}")
-    return value
-
-
-def _to_enum(tp, value: Any, key: str, loc: _Loc):
-    choices = [m.value for m in tp]
-    if isinstance(value, str) and value in choices:
-        return tp(value)
-    hint = difflib.get_close_matches(str(value), choices, n=1)
-    extra = f"; did you mean {hint[0]!r}?" if hint else ""
-    raise loc.error(key, f"must be one of {', '.join(choices)} (got {_show(value)}){extra}")
-
-
-def _plain_mapping(value: dict, key: str, loc: _Loc) -> dict:
-    for k in value:
-        if not isinstance(k, str):
-            raise loc.error(f"{key}.{k}", "mapping keys must be strings")
-    return dict(value)
-
-
-def _check_rule(meta: Mapping, value: Any, key: str, loc: _Loc) -> None:
-    rule: Rule | None = meta.get("rule")
-    if rule is None or value is None:
-        return
-    if not rule.check(value):
-        raise loc.error(key, f"must be {rule.text} (got {_show(value)})")
-
-
-def _suggest(name: str, group) -> str:
+def _suggest(name: str, group: type[_Group] | None) -> str:
     """A "did you mean" for an unknown key: a close key in the same group, else one elsewhere."""
-    known = [f.name for f in dataclasses.fields(group)]
+    known = list(group.model_fields) if group is not None else []
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
-    elsewhere = [path for path, leaf in _all_keys().items() if leaf == name]
-    elsewhere = elsewhere or difflib.get_close_matches(name, list(_all_keys()), n=1, cutoff=0.75)
+    everywhere = _all_keys()
+    elsewhere = [path for path, leaf in everywhere.items() if leaf == name]
+    elsewhere = elsewhere or difflib.get_close_matches(name, list(everywhere), n=1, cutoff=0.75)
     if elsewhere:
         return f"; did you mean {elsewhere[0]!r}?"
-    return f"; known keys: {', '.join(known)}"
+    return f"; known keys: {', '.join(known)}" if known else ""
 
 
 def _all_keys() -> dict[str, str]:
     """Every dotted schema key -> its last component."""
     out = {}
-    hints = typing.get_type_hints(JobConfig)
-    for f in dataclasses.fields(JobConfig):
-        out[f.name] = f.name
-        if is_group(hints[f.name]):
-            out.update({f"{f.name}.{sub.name}": sub.name for sub in dataclasses.fields(hints[f.name])})
+    for name, info in JobConfig.model_fields.items():
+        out[name] = name
+        group = _group_of(info.annotation)
+        if group is not None:
+            out.update({f"{name}.{sub}": sub for sub in group.model_fields})
     return out
-
-
-def _build_group(cls, raw: Any, prefix: str, tree: _Tree, group_loc: _Loc):
-    """Instantiate schema class ``cls`` from the raw mapping at ``prefix``."""
-    if not isinstance(raw, dict):
-        raise group_loc.error(prefix.rstrip(".") or None,
-                              f"expected a mapping of keys, got {_type_name(raw)} {_show(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            loc = tree.locs.get(f"{prefix}{key}", group_loc)
-            raise loc.error(f"{prefix}{key}", "unknown key" + _suggest(str(key), cls))
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if f.name not in raw:
-            if f.metadata.get("required"):
-                raise group_loc.error(key, "missing required key")
-            continue
-        kwargs[f.name] = _build_value(hints[f.name], f, raw[f.name], key, tree)
-    return cls(**kwargs)
-
-
-def _build_value(tp, f: dataclasses.Field, raw: Any, key: str, tree: _Tree):
-    loc = tree.locs.get(key, tree.root)
-    if tp is WorkersConfig:
-        return _build_workers(raw, key, tree, loc)
-    if is_group(tp):
-        return _build_group(tp, raw, key + ".", tree, loc)
-    value = _convert(tp, raw, key, loc)
-    _check_rule(f.metadata, value, key, loc)
-    return value
-
-
-def _build_workers(raw: Any, key: str, tree: _Tree, loc: _Loc) -> WorkersConfig:
-    """``workers: N`` or ``workers: {min: a, max: b}``."""
-    if isinstance(raw, dict):
-        if "min" in raw and "max" not in raw:
-            raw = {**raw, "max": raw["min"]}
-        elif "max" in raw and "min" not in raw:
-            raw = {**raw, "min": raw["max"]}
-        return _build_group(WorkersConfig, raw, key + ".", tree, loc)
-    raw = _from_env_text(raw, int)
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise loc.error(key, f"expected an integer or {{min: N, max: M}}, got {_type_name(raw)} {_show(raw)}")
-    if raw < 1:
-        raise loc.error(key, f"must be >= 1 (got {raw})")
-    return WorkersConfig(min=raw, max=raw)
-
-
-# ---------------------------------------------------------------------------- cross-field checks
-def _check_combinations(cfg: JobConfig, tree: _Tree) -> None:
-    """Rules that involve more than one key; each error points at the key to change."""
-
-    def at(key: str) -> _Loc:
-        while key and key not in tree.locs:
-            key = key.rpartition(".")[0]
-        return tree.locs.get(key, tree.root)
-
-    ck = cfg.checkpoint
-    if cfg.workers.min > cfg.workers.max:
-        raise at("workers.min").error("workers.min", f"must be <= workers.max ({cfg.workers.min} > {cfg.workers.max})")
-    if not ck.save_every_steps and ck.save_every_secs is None:
-        raise at("checkpoint.save_every_steps").error(
-            "checkpoint.save_every_steps", "checkpointing is off: set save_every_steps > 0 or save_every_secs")
-    if ck.keep_best is not None and not ck.best_metric:
-        raise at("checkpoint.keep_best").error("checkpoint.keep_best", "needs checkpoint.best_metric (e.g. loss)")
-    if cfg.data.dataset is Dataset.MNIST and not cfg.data.path:
-        raise at("data.dataset").error(
-            "data.path", "dataset mnist needs data.path: the directory or URL of the IDX files")
-    if not cfg.name.strip() or "/" in cfg.name:
-        raise at("name").error("name", f"must be a non-empty name without '/' (got {cfg.name!r})")
-    if not ck.dir.strip():
-        raise at("checkpoint.dir").error("checkpoint.dir", "must not be empty")
-    if cfg.resume.strip() == "":
-        raise at("resume").error("resume", "must be auto, never, or a checkpoint path")
-
-
-def _normalise(cfg: JobConfig) -> JobConfig:
-    """Fill the defaults that depend on other keys (run_dir, gpus_per_worker)."""
-    run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
-    gpus = cfg.resources.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if cfg.device is Device.GPU else 0.0
-    resources = dataclasses.replace(cfg.resources, gpus_per_worker=gpus)
-    return dataclasses.replace(cfg, run_dir=run_dir, resources=resources)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -689,16 +806,19 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     tree = _read_tree(os.fspath(path), environ)
     for arg in overrides:
         _apply_override(tree, arg, environ)
-    cfg = _build_group(JobConfig, tree.values, "", tree, tree.root)
-    _check_combinations(cfg, tree)
-    return _normalise(cfg)
+    token = _VALIDATING.set(True)
+    try:
+        return JobConfig.model_validate(tree.values)
+    except ValidationError as exc:
+        raise _config_error(exc, JobConfig, tree.at) from None
+    finally:
+        _VALIDATING.reset(token)
 
 
 def config_to_dict(cfg: Any, reveal: bool = False) -> Any:
     """Plain YAML-able data; env-resolved values become their ``${VAR}`` reference unless ``reveal``."""
-    if dataclasses.is_dataclass(cfg):
-        names = [f.name for f in dataclasses.fields(cfg)]
-        return {n: config_to_dict(getattr(cfg, n), reveal) for n in names}
+    if isinstance(cfg, BaseModel):
+        return {name: config_to_dict(getattr(cfg, name), reveal) for name in type(cfg).model_fields}
     if isinstance(cfg, enum.Enum):
         return cfg.value
     if isinstance(cfg, EnvValue):

@@ -26,7 +26,7 @@ import ray  # noqa: E402
 
 from orchestrator.cluster.coordinator import Coordinator  # noqa: E402
 from orchestrator.config import (CheckpointConfig, DataConfig, Dataset, JobConfig, ModelConfig,  # noqa: E402
-                                 OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig, WorkersConfig)
+                                 OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig)
 
 INPUT_DIM = 1024
 
@@ -47,8 +47,9 @@ def job(directory: str, workers: int, hidden: list[int], input_dim: int, batch: 
                         global_batch_size=batch),
         optimizer=OptimizerConfig(name=OptimizerName.SGD, learning_rate=1e-3),
         train=TrainConfig(steps=steps, log_every_steps=10**9, eval_every_steps=0),
-        workers=WorkersConfig(workers, workers), resources=ResourcesConfig(cpus_per_worker=0.25),
-        checkpoint=CheckpointConfig(dir=directory, save_every_steps=0, save_every_secs=None,
+        workers=workers, resources=ResourcesConfig(cpus_per_worker=0.25),
+        # saves are started by hand; the hourly periodic one never comes in a benchmark
+        checkpoint=CheckpointConfig(dir=directory, save_every_steps=0, save_every_secs=3600.0,
                                     async_save=async_save, max_to_keep=2, fsync=True),
         resume="never")
 

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from orchestrator import rules
 from orchestrator.checkpoint import commit, reader, state
 from orchestrator.checkpoint.commit import PhaseHook
 from orchestrator.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -372,16 +373,12 @@ class CheckpointManager:
 
 
 def _make_retention(max_to_keep, every_n_hours, best_metric, best_mode, keep_best) -> ManagerRetention:
+    """The policies; each checks its own arguments (the rules shared with the job config)."""
     if keep_best is not None and not best_metric:
-        raise ValueError("`keep_best` needs `best_metric` (the reported metric to rank checkpoints by)")
-    if every_n_hours is not None and every_n_hours <= 0:
-        raise ValueError(f"`keep_checkpoint_every_n_hours` must be > 0, got {every_n_hours}")
-    if max_to_keep is not None and max_to_keep < 0:
-        raise ValueError(f"`max_to_keep` must be >= 0 or None, got {max_to_keep}")
-    best = BestK(best_metric, keep_best, best_mode) if best_metric and keep_best else None
-    if best is None and best_mode not in ("min", "max"):
-        raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
-    hours = EveryNHours(every_n_hours) if every_n_hours else None
+        raise ValueError(f"keep_best: {rules.KEEP_BEST_NEEDS_METRIC}")
+    rules.check_best_mode(best_mode)
+    best = BestK(best_metric, keep_best, best_mode) if keep_best is not None else None
+    hours = EveryNHours(every_n_hours) if every_n_hours is not None else None
     return ManagerRetention(LatestN(max_to_keep), hours, best)
 
 

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from orchestrator import rules
+
 SECONDS_PER_HOUR = 3600.0
 
 
@@ -56,6 +58,10 @@ class LatestN:
 
     n: int | None
 
+    def __post_init__(self):
+        if self.n is not None:
+            rules.MAX_TO_KEEP.check("max_to_keep", self.n)
+
     @property
     def keeps_all(self) -> bool:
         return not self.n
@@ -78,6 +84,9 @@ class EveryNHours:
 
     reason = "every-n-hours"
 
+    def __post_init__(self):
+        rules.KEEP_EVERY_N_HOURS.check("keep_checkpoint_every_n_hours", self.hours)
+
     def should_preserve(self, timestamp: float, last_preserved: float) -> bool:
         return timestamp - self.hours * SECONDS_PER_HOUR >= last_preserved
 
@@ -95,10 +104,8 @@ class BestK:
     mode: str = "min"
 
     def __post_init__(self):
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"`best_mode` must be 'min' or 'max', got {self.mode!r}")
-        if self.k < 1:
-            raise ValueError(f"`keep_best` must be >= 1, got {self.k}")
+        rules.check_best_mode(self.mode)
+        rules.KEEP_BEST.check("keep_best", self.k)
 
     @property
     def reason(self) -> str:

@@ -38,6 +38,7 @@ from orchestrator.cluster.errors import CheckpointSaveError, RestoreError, Worke
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
+from orchestrator.config import Device
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ setup
     def _uses_gpu(self) -> bool:
-        return recipe.plain(self.config.device) == "gpu"
+        return self.config.device is Device.GPU
 
     @property
     def worker_node_ids(self) -> list[str]:

@@ -17,9 +17,11 @@ import logging
 import time
 from typing import Sequence
 
+from orchestrator import rules
+
 logger = logging.getLogger(__name__)
 
-UNLIMITED = -1
+UNLIMITED = rules.UNLIMITED
 
 
 class DecisionKind(str, enum.Enum):
@@ -60,10 +62,8 @@ class FailurePolicy:
     def __init__(self, max_failures: int = 3, backoff_s: float = 1.0,
                  backoff: BackoffKind | str = BackoffKind.EXPONENTIAL,
                  max_backoff_s: float = 60.0):
-        if max_failures < UNLIMITED:
-            raise ValueError(f"`max_failures` must be >= -1, got {max_failures}")
-        if backoff_s < 0:
-            raise ValueError(f"`backoff_s` must be >= 0, got {backoff_s}")
+        rules.MAX_FAILURES.check("max_failures", max_failures)
+        rules.BACKOFF_S.check("backoff_s", backoff_s)
         self.max_failures = max_failures
         self.backoff_s = float(backoff_s)
         self.backoff = BackoffKind(backoff)

@@ -18,7 +18,9 @@ import math
 import time
 from typing import Callable, Sequence
 
+from orchestrator import rules
 from orchestrator.cluster.errors import ClusterError
+from orchestrator.config import Device, JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,7 @@ class ScalingPolicy:
                  min_workers_timeout_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        if not 1 <= min_workers <= max_workers:
-            raise ValueError(f"need 1 <= workers.min <= workers.max, got "
-                             f"min={min_workers} max={max_workers}")
+        rules.check_worker_range(min_workers, max_workers)
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.shape = shape
@@ -93,7 +93,7 @@ class ScalingPolicy:
         self._sleep = sleep
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "ScalingPolicy":
+    def from_config(cls, config: JobConfig, **overrides) -> "ScalingPolicy":
         """Builds the policy from a ``JobConfig`` (workers, resources, fault_tolerance)."""
         return cls(config.workers.min, config.workers.max, worker_shape(config),
                    config.fault_tolerance.min_workers_timeout_s, **overrides)
@@ -147,11 +147,11 @@ class ScalingPolicy:
                 f"resources.cpus_per_worker / gpus_per_worker")
 
 
-def worker_shape(config) -> WorkerShape:
+def worker_shape(config: JobConfig) -> WorkerShape:
     """The per-worker resources of a ``JobConfig`` (gpus null => 1 on gpu, else 0)."""
     gpus = config.resources.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if getattr(config.device, "value", config.device) == "gpu" else 0.0
+        gpus = 1.0 if config.device is Device.GPU else 0.0
     return WorkerShape(cpus=float(config.resources.cpus_per_worker), gpus=float(gpus))
 
 

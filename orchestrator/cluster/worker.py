@@ -61,7 +61,7 @@ class TrainWorker:
         node); None loads it here."""
         self.config, self.rank, self.num_workers = config, rank, num_workers
         self.seed = int(config.seed)
-        self.backend = get_backend(recipe.plain(config.device))
+        self.backend = get_backend(config.device.value)
         self.dataset = dataset if dataset is not None else recipe.load_data(config)
         self.spec = recipe.model_spec(config, self.dataset)
         self.model = build_model(self.spec, self.backend, self.seed)

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from orchestrator import rules
 from orchestrator.checkpoint.storage import Storage
 
 DATASETS = ("digits", "mnist", "synthetic")
@@ -111,9 +112,9 @@ def stratified_test_indices(labels: np.ndarray, test_fraction: float, seed: int)
 def make_synthetic(num_examples: int = 10000, input_dim: int = 784, num_classes: int = 10,
                    num_test: int | None = None, seed: int = 0) -> Dataset:
     """Uniform features labelled by argmax of a random linear teacher."""
-    if num_examples < 1 or input_dim < 1 or num_classes < 2:
-        raise DatasetError(f"synthetic: need num_examples >= 1, input_dim >= 1, num_classes >= 2; "
-                           f"got {num_examples}, {input_dim}, {num_classes}")
+    rules.EXAMPLES.check("synthetic num_examples", num_examples, DatasetError)
+    rules.WIDTH.check("synthetic input_dim", input_dim, DatasetError)
+    rules.CLASSES.check("synthetic num_classes", num_classes, DatasetError)
     num_test = max(1, num_examples // 5) if num_test is None else num_test
     generator = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, 0x5EED])))
     teacher = generator.standard_normal((input_dim, num_classes)).astype(np.float32)
@@ -184,9 +185,8 @@ class Sampler:
     """Deterministic global batches; position (epoch, index) is checkpointable state."""
 
     def __init__(self, num_examples: int, global_batch_size: int, seed: int):
-        if num_examples < 1 or global_batch_size < 1:
-            raise ValueError(f"need num_examples >= 1 and global_batch_size >= 1, "
-                             f"got {num_examples} and {global_batch_size}")
+        rules.Bound(ge=1).check("num_examples", num_examples)
+        rules.BATCH.check("global_batch_size", global_batch_size)
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed

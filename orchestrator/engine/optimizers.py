@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import rules
 from orchestrator.checkpoint.variables import Variable
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
@@ -138,19 +139,19 @@ def make_optimizer(name: str, learning_rate: float, **hyper: float) -> Optimizer
     unknown = sorted(set(hyper) - set(SHARED_HYPER))
     if unknown:
         raise OptimizerConfigError(f"unknown hyperparameter(s) {unknown} for optimizer {name!r}")
-    if not learning_rate > 0:
-        raise OptimizerConfigError(f"learning_rate must be > 0, got {learning_rate!r}")
+    rules.LEARNING_RATE.check("learning_rate", learning_rate, OptimizerConfigError)
     values = {key: float(hyper.get(key, default)) for key, default in HYPER_DEFAULTS[name].items()}
     _check_ranges(name, values)
     return Optimizer(name, float(learning_rate), values)
 
 
+_HYPER_RULES = {"momentum": rules.DECAY, "decay": rules.DECAY, "beta1": rules.DECAY, "beta2": rules.DECAY,
+                "epsilon": rules.EPSILON}
+
+
 def _check_ranges(name: str, values: dict[str, float]) -> None:
-    for key in ("momentum", "decay", "beta1", "beta2"):
-        if key in values and not 0.0 <= values[key] < 1.0:
-            raise OptimizerConfigError(f"{name}: {key} must be in [0, 1), got {values[key]}")
-    if "epsilon" in values and not values["epsilon"] > 0:
-        raise OptimizerConfigError(f"{name}: epsilon must be > 0, got {values['epsilon']}")
+    for key, value in values.items():
+        _HYPER_RULES[key].check(f"{name} {key}", value, OptimizerConfigError)
 
 
 def _ops_for(array: Any):

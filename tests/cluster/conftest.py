@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from orchestrator.config import (CheckpointConfig, DataConfig, FaultToleranceConfig, JobConfig, ModelConfig,
-                                 OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig, WorkersConfig)
+from orchestrator.config import JobConfig
 
 RAY_TIMEOUT_S = 120
 
@@ -18,29 +15,29 @@ def make_config(directory: str, *, workers: int = 2, steps: int = 20, save_every
                 async_save: bool = True, resume: str = "auto", eval_every: int = 0,
                 keep=(0.9, 0.7), max_to_keep: int | None = 10, seed: int = 0,
                 step_timeout_s: float = 60.0) -> JobConfig:
-    """A digits MLP job small enough for a 2-core CI machine."""
+    """A digits MLP job small enough for a 2-core CI machine.
+
+    ``save_every=0``: no periodic checkpoint within a test (the hourly one never comes), only
+    the final one; a job config must say how often to checkpoint.
+    """
     return JobConfig(
         name="test", seed=seed,
-        model=ModelConfig(hidden=list(hidden), keep_prob_input=keep[0], keep_prob_hidden=keep[1]),
-        data=DataConfig(global_batch_size=batch),
-        optimizer=OptimizerConfig(name=OptimizerName(optimizer), learning_rate=learning_rate),
-        train=TrainConfig(steps=steps, log_every_steps=10, eval_every_steps=eval_every),
-        workers=WorkersConfig(workers, workers),
-        resources=ResourcesConfig(cpus_per_worker=0.25),
-        checkpoint=CheckpointConfig(dir=directory, save_every_steps=save_every, async_save=async_save,
-                                    max_to_keep=max_to_keep, fsync=False),
-        fault_tolerance=FaultToleranceConfig(step_timeout_s=step_timeout_s),
+        model={"hidden": list(hidden), "keep_prob_input": keep[0], "keep_prob_hidden": keep[1]},
+        data={"global_batch_size": batch},
+        optimizer={"name": optimizer, "learning_rate": learning_rate},
+        train={"steps": steps, "log_every_steps": 10, "eval_every_steps": eval_every},
+        workers=workers,
+        resources={"cpus_per_worker": 0.25},
+        checkpoint={"dir": directory, "save_every_steps": save_every, "async_save": async_save,
+                    "max_to_keep": max_to_keep, "fsync": False, "save_every_secs": None if save_every else 3600.0},
+        fault_tolerance={"step_timeout_s": step_timeout_s},
         resume=resume,
     )
 
 
 def with_changes(config: JobConfig, **groups) -> JobConfig:
-    """``with_changes(cfg, train={"steps": 5}, resume="never")``."""
-    changes = {}
-    for key, value in groups.items():
-        current = getattr(config, key)
-        changes[key] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
-    return dataclasses.replace(config, **changes)
+    """``with_changes(cfg, train={"steps": 5}, resume="never")``: validated, like every config."""
+    return config.replace(**groups)
 
 
 def worker_state(coordinator, timeout: float = RAY_TIMEOUT_S) -> dict[str, np.ndarray]:
