@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from orchestrator import __version__
 from orchestrator.config import ConfigError, JobConfig, dump_config, load_config, parse_options, redact
@@ -81,6 +81,15 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _NotRunLines(logging.Filter):
+    """Keeps the reporter's lines (``orchestrator.run``) off the console: they are on stdout already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from orchestrator.monitor.reporter import RUN_LOGGER
+
+        return record.name != RUN_LOGGER
+
+
 class _BriefFormatter(_RedactingFormatter):
     """Console lines without tracebacks (they go to train.log); leaves the record intact."""
 
@@ -100,11 +109,13 @@ def _setup_logging(cfg: JobConfig) -> list[logging.Handler]:
     """Log to ``<run_dir>/train.log`` (everything) and stderr (brief), both redacted.
 
     Under a live progress line, stderr only gets warnings and errors: INFO lines would
-    tear the line apart; they are all in train.log.
+    tear the line apart; they are all in train.log. The reporter's progress, eval and
+    checkpoint lines go to train.log only: the console shows them on stdout already.
     """
     level = getattr(logging, cfg.logging.level.value.upper())
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(max(level, logging.WARNING) if _live_progress(cfg) else level)
+    console.addFilter(_NotRunLines())
     console.setFormatter(_RedactingFormatter(_LOG_FORMAT) if level <= logging.DEBUG else _BriefFormatter(_LOG_FORMAT))
     logfile = logging.FileHandler(os.path.join(cfg.run_dir, LOG_FILE))
     logfile.setFormatter(_RedactingFormatter(_LOG_FORMAT))
@@ -168,29 +179,19 @@ def _run(cfg: JobConfig) -> int:
 
 # ---------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """The table of tensors, or (with ``--tensor``/``--all-tensors``) only their values."""
     from orchestrator.checkpoint import inspect as ckpt_inspect
+    from orchestrator.checkpoint.safetensors_file import open_tensors
 
     if args.json and (args.tensor or args.all_tensors):
         raise _BadInput("--json lists the tensors; it cannot be combined with --tensor or --all-tensors")
-    options = _storage_options(args)
-    rows = ckpt_inspect.describe(args.path, storage_options=options)
-    if args.json:
-        print(ckpt_inspect.to_json(rows))
+    reader = open_tensors(args.path, storage_options=_storage_options(args))
+    if args.tensor or args.all_tensors:
+        print(ckpt_inspect.format_values(reader, reader.keys() if args.all_tensors else args.tensor))
         return EXIT_OK
-    print(ckpt_inspect.format_table(rows))
-    names = [r.name for r in rows] if args.all_tensors else (args.tensor or [])
-    if names:
-        _print_tensors(args.path, names, options, ckpt_inspect.format_tensor)
+    rows = ckpt_inspect.describe_reader(reader)
+    print(ckpt_inspect.to_json(rows) if args.json else ckpt_inspect.format_table(rows))
     return EXIT_OK
-
-
-def _print_tensors(path: str, names: Sequence[str], options, format_tensor: Callable) -> None:
-    from orchestrator.checkpoint.reader import load_checkpoint
-
-    reader = load_checkpoint(path, storage_options=options)
-    for name in names:
-        print()
-        print(format_tensor(name, reader.get_tensor(name)))
 
 
 # ---------------------------------------------------------------------------- ls
@@ -234,14 +235,27 @@ def format_checkpoint_table(infos: Sequence[Any]) -> str:
 
 # ---------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.checkpoint.export import export_safetensors
+    from orchestrator.checkpoint.export import export_checkpoint
 
     options = _storage_options(args)
     prefix = _resolve_prefix(args.path, options)
-    out = args.output or os.path.basename(prefix) + ".safetensors"
-    export_safetensors(prefix, out, storage_options=options)
-    print(f"wrote {out} ({human_bytes(os.path.getsize(out))}) from {prefix}")
+    out = _export_target(args.output, os.path.basename(prefix) + ".safetensors")
+    exported = export_checkpoint(prefix, out, storage_options=options)
+    print(f"wrote {exported.path} ({len(exported.tensors)} tensors, {human_bytes(exported.nbytes)}) from {prefix}")
+    for note in exported.notes:
+        print(f"note: {note}", file=sys.stderr)
     return EXIT_OK
+
+
+def _export_target(output: str | None, default_name: str) -> str:
+    """``-o FILE`` as given; ``-o DIR`` (an existing directory, or any path ending in /) -> DIR/<default_name>."""
+    if output is None:
+        return default_name
+    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        if "://" not in output and not os.path.isdir(output):
+            raise _BadInput(f"-o {output}: directory does not exist")
+        return output.rstrip("/" + os.sep) + "/" + default_name
+    return output
 
 
 def _resolve_prefix(path: str, options) -> str:
@@ -296,11 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_schema)
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint",
-                       description="List a checkpoint's tensors (name, dtype, shape, size, shard).")
-    p.add_argument("path", help="checkpoint prefix (…/model.ckpt-300) or checkpoint directory")
+                       description="List a checkpoint's tensors (name, dtype, shape, size, shard), "
+                                   "or print the values of some (--tensor) or all (--all-tensors).")
+    p.add_argument("path", help="checkpoint prefix (…/model.ckpt-300), checkpoint directory, or an exported "
+                                "*.safetensors file")
     p.add_argument("--tensor", action="append", metavar="NAME",
-                   help="also print this tensor's values (repeatable; arrays over 1000 elements are summarized)")
-    p.add_argument("--all-tensors", action="store_true", help="also print every tensor's values")
+                   help="print this tensor's value instead of the table (repeatable; arrays over 1000 elements "
+                        "are summarized)")
+    p.add_argument("--all-tensors", action="store_true", help="print every tensor's value instead of the table")
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     _add_storage_args(p)
     p.set_defaults(handler=cmd_inspect)
@@ -316,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a checkpoint's model parameters (no optimizer slots).")
     p.add_argument("path", help="checkpoint prefix, or a directory (its latest checkpoint)")
     p.add_argument("--format", required=True, choices=["safetensors"], help="output format")
-    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: <prefix name>.safetensors)")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="output file, or a directory to write <prefix name>.safetensors into "
+                        "(default: <prefix name>.safetensors here)")
     _add_storage_args(p)
     p.set_defaults(handler=cmd_export)
     return parser

@@ -229,6 +229,87 @@ def test_export_empty_directory_is_bad_input(tmp_path):
     assert proc.returncode == EXIT_BAD_INPUT and str(tmp_path) in proc.stderr
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (cheaper than a subprocess): exit code, stdout, stderr."""
+    from orchestrator.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_tensor_prints_only_that_tensor_with_the_table_dtype_name(ckpt_dir, capsys):
+    code, out, _ = cli(capsys, "inspect", str(ckpt_dir), "--tensor", "dense_1/bias")
+    assert code == EXIT_OK and out == "dense_1/bias (float32, [10]):\n[0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]\n"
+    _, table, _ = cli(capsys, "inspect", str(ckpt_dir))
+    row = next(line for line in table.splitlines() if line.startswith("_MODEL_STRUCTURE "))
+    _, value, _ = cli(capsys, "inspect", str(ckpt_dir), "--tensor", "_MODEL_STRUCTURE")
+    assert row.split()[1] == "string" and value.startswith("_MODEL_STRUCTURE (string, []):\n")
+
+
+def test_inspect_tensor_typo_gets_close_matches_and_prints_nothing(ckpt_dir, capsys):
+    code, out, err = cli(capsys, "inspect", str(ckpt_dir), "--tensor", "global_step", "--tensor", "dense_1/bais")
+    assert code == EXIT_BAD_INPUT and out == ""
+    assert err.startswith("error: tensor 'dense_1/bais' not found") and "did you mean 'dense_1/bias'" in err
+
+
+def test_export_into_a_directory(ckpt_dir, tmp_path, capsys):
+    out_dir = tmp_path / "exports"
+    out_dir.mkdir()
+    for target in (str(out_dir), str(out_dir) + "/"):
+        code, out, err = cli(capsys, "export", str(ckpt_dir), "--format", "safetensors", "-o", target)
+        assert code == EXIT_OK, err
+        assert out.startswith(f"wrote {out_dir / 'model.ckpt-30.safetensors'} (4 tensors")
+    code, _, err = cli(capsys, "export", str(ckpt_dir), "--format", "safetensors", "-o", str(tmp_path / "nope") + "/")
+    assert code == EXIT_BAD_INPUT and "directory does not exist" in err and not (tmp_path / "nope").exists()
+
+
+def _saved_model(directory: Path, with_structure: bool):
+    """A model and one optimizer slot saved with the documented Saver API."""
+    from orchestrator.checkpoint import Saver, Variable
+    from orchestrator.engine.backend import get_backend
+    from orchestrator.engine.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec(input_dim=6, hidden=(5,), num_classes=3), get_backend("cpu"), seed=3)
+    slot = Variable("dense/kernel/Adam", np.ones((6, 5), np.float32), trainable=False)
+    saver = Saver(model.variables + [slot], structure=model if with_structure else None)
+    saver.save(str(directory / "model.ckpt"), global_step=40)
+    return model
+
+
+def test_export_round_trip_inspect_and_load_model_of_the_file(tmp_path, capsys):
+    import orchestrator
+
+    model = _saved_model(tmp_path / "ckpt", with_structure=True)
+    out = tmp_path / "model.safetensors"
+    code, _, err = cli(capsys, "export", str(tmp_path / "ckpt"), "--format", "safetensors", "-o", str(out))
+    assert code == EXIT_OK and err == ""
+    code, table, _ = cli(capsys, "inspect", str(out))
+    assert code == EXIT_OK
+    assert [line.split()[0] for line in table.splitlines()[1:-1]] == sorted(["_MODEL_STRUCTURE", *model.param_names])
+    _, bias, _ = cli(capsys, "inspect", str(out), "--tensor", "dense/bias")
+    assert bias == "dense/bias (float32, [5]):\n[0., 0., 0., 0., 0.]\n"
+    loaded = orchestrator.load_model(str(out))
+    x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    assert loaded.logits(None, x).tobytes() == model.logits(None, x).tobytes()
+
+
+def test_export_without_structure_exports_every_tensor_and_says_what_is_missing(tmp_path, capsys):
+    import orchestrator
+    from orchestrator.engine.loading import ModelLoadError
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+    _saved_model(tmp_path / "ckpt", with_structure=False)
+    out = tmp_path / "plain.safetensors"
+    code, stdout, err = cli(capsys, "export", str(tmp_path / "ckpt"), "--format", "safetensors", "-o", str(out))
+    assert code == EXIT_OK and "(5 tensors" in stdout
+    assert err.startswith("note: ") and "no model structure record" in err and "structure=model" in err
+    assert sorted(safetensors_numpy.load_file(str(out))) == ["dense/bias", "dense/kernel", "dense/kernel/Adam",
+                                                             "dense_1/bias", "dense_1/kernel"]
+    with pytest.raises(ModelLoadError, match="no model structure record.*exported from a checkpoint without one"):
+        orchestrator.load_model(str(out))
+
+
 # ---------------------------------------------------------------------------- train (real Ray)
 def _train(tmp_path: Path, *sets: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``orchestrator train configs/quickstart.yaml`` into tmp_path.
@@ -257,6 +338,19 @@ def _event_loss_steps(run_dir: Path) -> list[list[int]]:
     return per_file
 
 
+def _event_tags(run_dir: Path) -> set[str]:
+    loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    return {v.tag for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
+            for e in loader.EventFileLoader(str(path)).Load() for v in e.summary.value}
+
+
+def _readme_tensorboard_tags() -> set[str]:
+    """The tags README.md's run-directory listing names after ``tensorboard/``."""
+    text = (REPO / "README.md").read_text()
+    listing = text.split("  tensorboard/", 1)[1].split("  config.yaml", 1)[0]
+    return {tag.strip() for tag in listing.replace("\n", ",").split(",") if tag.strip()}
+
+
 SECRET = "orch-test-secret-value-8271"
 
 
@@ -272,6 +366,11 @@ def test_quickstart_trains_checkpoints_and_resumes(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps_completed"] == 100 and summary["last_checkpoint"].endswith("model.ckpt-100")
     assert 0 < summary["final_metrics"]["loss"] < 2.3  # below chance level (ln 10): it learned
+    log = (tmp_path / "run" / "train.log").read_text()  # "the log" holds what stdout showed, not only start-up
+    for line in ("step 100/100 100% | loss", "eval at step 50: accuracy", "checkpoint at step 100 saved in",
+                 "Run summary: quickstart (completed)"):
+        assert line in log, line
+    assert "checkpoint at step" not in first.stderr  # on stdout and in the log, not a third time on stderr
     dumped = (tmp_path / "run" / "config.yaml").read_text()
     assert "${ORCH_TEST_SECRET}" in dumped
     # the resolved secret is nowhere: not in output, logs, summary, config dump or checkpoints
@@ -285,6 +384,7 @@ def test_quickstart_trains_checkpoints_and_resumes(tmp_path):
     steps = _progress_steps(second.stdout)
     assert steps[0] == 120 and steps[-1] == 150  # resumed after step 100, did not start over
     assert [i.step for i in list_checkpoints(str(tmp_path / "ckpt"))] == [50, 100, 150]
+    assert _event_tags(tmp_path / "run") == _readme_tensorboard_tags()  # the README lists every tag, no more
     loss_steps = _event_loss_steps(tmp_path / "run")
     assert len(loss_steps) == 2  # one event file per run, both under <run_dir>/tensorboard
     assert loss_steps[0][0] == 1 and loss_steps[0][-1] == 100
@@ -299,13 +399,14 @@ def _check_ls_and_inspect_of_run(ckpt: Path) -> None:
     assert [(r[0], r[3], r[5]) for r in rows] == [("50", "2", "model.ckpt-50"), ("100", "2", "model.ckpt-100"),
                                                   ("150", "2", "model.ckpt-150")]
     assert all("latest" in r[4] for r in rows)
-    inspect = run_cli("inspect", str(ckpt), "--tensor", "global_step")
+    inspect = run_cli("inspect", str(ckpt))
     assert inspect.returncode == EXIT_OK, inspect.stderr
     lines = inspect.stdout.splitlines()
     kernel = next(l for l in lines if l.startswith("dense/kernel "))
     assert kernel.split()[1:4] == ["float32", "[64,", "256]"]  # digits: 64 inputs, quickstart hidden 256
     assert {l.split()[-1] for l in lines if l.startswith("dense")} == {"0", "1"}  # spread over both shards
-    assert inspect.stdout.rstrip().endswith("global_step (int64, []):\n150")
+    step = run_cli("inspect", str(ckpt), "--tensor", "global_step")
+    assert step.returncode == EXIT_OK and step.stdout == "global_step (int64, []):\n150\n"
 
 
 def test_preemption_notice_mid_run_exits_3_with_checkpoint(tmp_path):

@@ -229,3 +229,19 @@ def test_tensorboard_off_writes_no_event_files(tmp_path):
     reporter.close()
     assert not (tmp_path / "run" / "tensorboard").exists()
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_every_displayed_line_also_goes_to_the_run_log(tmp_path, caplog):
+    """train.log gets what stdout shows: progress every interval, checkpoints, eval, failures, the summary."""
+    with caplog.at_level("INFO", logger="orchestrator.run"):
+        reporter, _, _ = _run_reporter(tmp_path)
+        reporter.on_failure("worker rank 1 died")
+        reporter.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "orchestrator.run"]
+    assert [m.split(" | ")[0] for m in logged if m.startswith("step ")] == [
+        "step 10/30  33%", "step 20/30  66%", "step 30/30 100%"]
+    assert [m for m in logged if m.startswith("checkpoint at step")] == [
+        f"checkpoint at step {s} saved in 0.25 s ({k} KiB)" for s, k in ((10, "40.0"), (20, "80.0"), (30, "120.0"))]
+    assert "eval at step 30: accuracy 0.9500, loss 0.2000" in logged
+    assert "failure #1: worker rank 1 died" in logged
+    assert logged[-1].startswith("Run summary: demo (")

@@ -26,9 +26,10 @@ from orchestrator.checkpoint.errors import (
     UnsupportedVersionError,
 )
 from orchestrator.checkpoint.commit import SaveFailedError
-from orchestrator.checkpoint.export import export_safetensors
+from orchestrator.checkpoint.export import Exported, export_checkpoint, export_safetensors
 from orchestrator.checkpoint.manager import CheckpointInfo, CheckpointManager, list_checkpoints
 from orchestrator.checkpoint.reader import CheckpointReader, TensorEntry, list_variables, load_checkpoint
+from orchestrator.checkpoint.safetensors_file import SafetensorsReader, open_tensors
 from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
 from orchestrator.checkpoint.state import (
     CheckpointState,
@@ -74,4 +75,8 @@ __all__ = [
     "STRUCTURE_KEY",
     "read_structure",
     "export_safetensors",
+    "export_checkpoint",
+    "Exported",
+    "SafetensorsReader",
+    "open_tensors",
 ]

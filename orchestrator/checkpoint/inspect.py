@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from orchestrator.checkpoint.reader import CheckpointReader, load_checkpoint
+from orchestrator.checkpoint.reader import CheckpointReader
+from orchestrator.checkpoint.safetensors_file import open_tensors
 from orchestrator.units import human_bytes
 
 
@@ -34,8 +35,9 @@ class TensorInfo:
 
 
 def describe(path: str, storage_options: Mapping[str, Any] | None = None) -> list[TensorInfo]:
-    """Rows for a checkpoint prefix or directory (its latest checkpoint), sorted by name."""
-    return describe_reader(load_checkpoint(path, storage_options))
+    """Rows for a checkpoint prefix or directory (its latest checkpoint), or a ``.safetensors``
+    file, sorted by name."""
+    return describe_reader(open_tensors(path, storage_options))
 
 
 def describe_reader(reader: CheckpointReader) -> list[TensorInfo]:
@@ -66,8 +68,26 @@ def to_json(rows: Sequence[TensorInfo]) -> str:
     return json.dumps(doc, indent=2)
 
 
-def format_tensor(name: str, array: np.ndarray, full: bool = False) -> str:
-    """``name (dtype, shape):`` then the value; ``full`` prints every element."""
+def format_tensor(name: str, array: np.ndarray, full: bool = False, dtype: str | None = None) -> str:
+    """``name (dtype, shape):`` then the value; ``full`` prints every element.
+
+    ``dtype`` is the name the table shows (``string``, not numpy's ``object``); by
+    default it is derived from the array.
+    """
     threshold = sys.maxsize if full else 1000
     value = np.array2string(np.asarray(array), threshold=threshold, separator=", ")
-    return f"{name} ({array.dtype}, {list(array.shape)}):\n{value}"
+    return f"{name} ({dtype or _dtype_name(array)}, {list(array.shape)}):\n{value}"
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    return "string" if np.asarray(array).dtype == object else str(array.dtype)
+
+
+def format_values(reader: CheckpointReader, names: Sequence[str]) -> str:
+    """The named tensors' values, blank-line separated.
+
+    Every name is checked first (an unknown one raises ``CheckpointNotFoundError``
+    with close matches), so a typo prints nothing. Tensors are read one at a time.
+    """
+    entries = [reader.entry(name) for name in names]
+    return "\n\n".join(format_tensor(e.name, reader.get_tensor(e.name), dtype=e.dtype_name) for e in entries)

@@ -10,6 +10,7 @@ Nothing here unpickles or executes anything from the checkpoint.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import threading
@@ -20,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from orchestrator.checkpoint import bundle, coding, crc, dtypes, slices, table
+from orchestrator.checkpoint import bundle, coding, crc, dtypes, legacy, slices, table
 from orchestrator.checkpoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -100,7 +101,9 @@ class CheckpointReader:
 
     def entry(self, name: str) -> TensorEntry:
         if name not in self._names:
-            raise CheckpointNotFoundError(f"tensor {name!r} not found in checkpoint {self.prefix}")
+            close = difflib.get_close_matches(str(name), self._names, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise CheckpointNotFoundError(f"tensor {name!r} not found in checkpoint {self.prefix}{hint}")
         return self._entries[name]
 
     def entries(self) -> list[TensorEntry]:
@@ -180,7 +183,8 @@ class CheckpointReader:
             return self._storage.read_bytes(self.index_path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(
-                f"no checkpoint at {self.prefix}: index file {self.index_path} not found") from None
+                legacy.v1_message(self._storage, self.prefix)
+                or f"no checkpoint at {self.prefix}: index file {self.index_path} not found") from None
 
     def _numpy_dtype(self, entry: TensorEntry) -> np.dtype:
         if entry.tf_dtype == dtypes.DT_VARIANT:
@@ -636,9 +640,12 @@ def load_checkpoint(prefix_or_dir: str, storage_options: Mapping[str, Any] | Non
     if storage.isdir(path):
         latest = state.latest_checkpoint(path, storage_options=storage_options)
         if latest is None:
-            raise CheckpointNotFoundError(f"no checkpoint found in directory {path}")
+            named = state.get_checkpoint_state(path, storage_options=storage_options)
+            v1 = named and legacy.v1_message(storage, named.model_checkpoint_path)
+            raise CheckpointNotFoundError(v1 or f"no checkpoint found in directory {path}")
         return CheckpointReader(latest, storage_options)
-    raise CheckpointNotFoundError(f"no checkpoint at {path}: {bundle.index_filename(path)} not found")
+    raise CheckpointNotFoundError(legacy.v1_message(storage, path)
+                                  or f"no checkpoint at {path}: {bundle.index_filename(path)} not found")
 
 
 def list_variables(path: str, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, list[int]]]:

@@ -8,6 +8,8 @@
   protocol (shards -> index -> state file -> at most one deletion, reference 7.3).
 * ``restore(prefix)`` checks every variable against the checkpoint and reads every
   value *before* assigning any, so a failed restore changes nothing.
+* ``structure=model`` also saves the model structure record (what TF kept in
+  ``.meta``), so ``load_model`` and ``export`` work on the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from orchestrator.checkpoint import commit, reader, state
+from orchestrator.checkpoint import commit, reader, state, structure as structure_lib
 from orchestrator.checkpoint.errors import CheckpointError
 from orchestrator.checkpoint.retention import Action, SaverRetention, Tracked
 from orchestrator.checkpoint.storage import Storage
@@ -35,8 +37,9 @@ def normalize_var_list(var_list: VarList | None) -> dict[str, Variable]:
     """``{checkpoint key: Variable}`` for a list or dict ``var_list``."""
     if var_list is None:
         raise ValueError(
-            "Saver needs var_list: a list of Variables (saved under their names) or a dict "
-            "{checkpoint key: Variable}; there is no global variable collection to default to")
+            "Saver needs var_list: a list of Variables (saved under their names), e.g. "
+            "Saver(model.variables), or a dict {checkpoint key: Variable}, e.g. "
+            "Saver({'dense/kernel': kernel}); there is no global variable collection to default to")
     if isinstance(var_list, Mapping):
         pairs = [(str(k), v) for k, v in var_list.items()]
     elif isinstance(var_list, Variable):
@@ -117,8 +120,11 @@ class Saver:
                  keep_checkpoint_every_n_hours: float = 10000.0, save_relative_paths: bool = True,
                  num_shards: int = 1, storage_options: Mapping | None = None,
                  clock: Callable[[], float] = time.time, latest_filename: str = "checkpoint",
-                 fsync: bool = True):
+                 fsync: bool = True, structure: Any = None):
+        """``structure``: a model (or ``{"spec", "variables"}`` mapping) whose structure record
+        every save also writes; its variables must be among those saved."""
         self.var_map = normalize_var_list(var_list)
+        self.structure = None if structure is None else self._checked_structure(structure)
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.num_shards = num_shards
@@ -129,10 +135,23 @@ class Saver:
         self._clock = clock
         self._retention = SaverRetention.starting_at(clock(), max_to_keep, keep_checkpoint_every_n_hours)
 
+    def _checked_structure(self, structure: Any) -> dict:
+        record = structure_lib.record_for(structure)
+        missing = [name for name in record["variables"] if name not in self.var_map]
+        if missing:
+            raise ValueError(f"structure lists variables the Saver does not save: {missing}; "
+                             f"saved keys: {sorted(self.var_map)}")
+        if structure_lib.STRUCTURE_KEY in self.var_map:
+            raise ValueError(f"var_list uses the reserved key {structure_lib.STRUCTURE_KEY!r}")
+        return record
+
     # -------------------------------------------------------------- save
     def tensors(self) -> dict[str, np.ndarray]:
-        """Host copies of the values to save, by checkpoint key."""
-        return {key: var.numpy() for key, var in self.var_map.items()}
+        """Host copies of the values to save, by checkpoint key (plus the structure record)."""
+        values = {key: var.numpy() for key, var in self.var_map.items()}
+        if self.structure is not None:
+            values.update(structure_lib.record_tensors(self.structure))
+        return values
 
     def save(self, save_path: str, global_step: int | Variable | None = None,
              write_state: bool = True) -> str:

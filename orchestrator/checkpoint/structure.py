@@ -40,6 +40,27 @@ def structure_tensors(spec: Mapping[str, Any], variables: Sequence[str]) -> dict
     return {STRUCTURE_KEY: encode_structure(spec, variables)}
 
 
+def record_for(structure: Any) -> dict:
+    """The record for what ``Saver(..., structure=...)`` takes: a model (anything with
+    ``spec.to_dict()`` and ``param_names``, e.g. what ``build_model`` returns) or a mapping
+    ``{"spec": {...}, "variables": [names]}``."""
+    if isinstance(structure, Mapping):
+        unknown = sorted(set(structure) - {"spec", "variables", "format"})
+        if unknown or "spec" not in structure or "variables" not in structure:
+            raise ValueError(f"structure mapping needs exactly 'spec' and 'variables', got keys {sorted(structure)}")
+        return validate_record(make_record(structure["spec"], structure["variables"]), "structure")
+    spec, names = getattr(structure, "spec", None), getattr(structure, "param_names", None)
+    if not hasattr(spec, "to_dict") or names is None:
+        raise TypeError(f"structure must be a model (with .spec and .param_names) or a mapping "
+                        f"{{'spec': ..., 'variables': [...]}}, got {type(structure).__name__}")
+    return make_record(spec.to_dict(), names)
+
+
+def record_tensors(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{STRUCTURE_KEY: tensor}`` for a record ``make_record`` or ``record_for`` built."""
+    return structure_tensors(record["spec"], record["variables"])
+
+
 def decode_structure(value: Any, where: str = STRUCTURE_KEY) -> dict:
     """Parse and validate a record from the tensor value (bytes, str or 0-d array)."""
     raw = _scalar_bytes(value, where)

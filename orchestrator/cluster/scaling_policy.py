@@ -25,6 +25,7 @@ from orchestrator.config import Device, JobConfig
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-9
+WAIT_LOG_INTERVAL_S = 30.0  # while waiting for capacity: a line when the reason changes, else this often
 
 
 class InsufficientWorkersError(ClusterError):
@@ -123,9 +124,13 @@ class ScalingPolicy:
         """Polls ``probe`` until at least ``min`` workers fit; returns M' (0 if
         ``cancelled()`` turned True while waiting).
 
+        Logs "waiting for capacity" when the reason changes and every
+        ``WAIT_LOG_INTERVAL_S`` otherwise, not once per poll.
         Raises InsufficientWorkersError after ``min_workers_timeout_s``.
         """
-        deadline = self._clock() + self.min_workers_timeout_s
+        started = self._clock()
+        deadline = started + self.min_workers_timeout_s
+        said: tuple[str, float] | None = None  # (reason, when) of the last line logged
         while True:
             if cancelled():
                 return 0
@@ -134,9 +139,13 @@ class ScalingPolicy:
                 logger.info("scaling: running with %d worker(s) (%s)",
                             decision.num_workers, decision.reason)
                 return decision.num_workers
-            if self._clock() >= deadline:
+            now = self._clock()
+            if now >= deadline:
                 raise InsufficientWorkersError(self._timeout_message(decision))
-            logger.warning("scaling: waiting for capacity: %s", decision.reason)
+            if said is None or said[0] != decision.reason or now - said[1] >= WAIT_LOG_INTERVAL_S:
+                logger.warning("scaling: waiting for capacity: %s (%.0f s of %.0f s)", decision.reason,
+                               now - started, self.min_workers_timeout_s)
+                said = (decision.reason, now)
             self._sleep(poll_s)
 
     def _timeout_message(self, decision: ScalingDecision) -> str:

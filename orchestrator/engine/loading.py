@@ -2,6 +2,7 @@
 
     model = load_model("runs/x/checkpoints")            # latest checkpoint of a directory
     model = load_model("s3://b/ckpt/model.ckpt-300", storage_options={...})
+    model = load_model("model.safetensors")             # a file `orchestrator export` wrote
     scores = model.logits(None, x)
 
 The checkpoint's structure record (``_MODEL_STRUCTURE``, JSON parsed with
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from orchestrator.checkpoint.errors import CheckpointError
-from orchestrator.checkpoint.reader import load_checkpoint
+from orchestrator.checkpoint.safetensors_file import is_safetensors, open_tensors
 from orchestrator.checkpoint.structure import read_structure, structure_tensors
 from orchestrator.engine.backend import get_backend
 from orchestrator.engine.models import Model, ModelSpec, ModelSpecError, build_model
@@ -34,13 +35,13 @@ def model_structure_tensors(model: Model) -> dict[str, np.ndarray]:
 
 def load_model(path: str, storage_options: Mapping[str, Any] | None = None,
                device: str = "cpu") -> Model:
-    """The model saved in the checkpoint at ``path`` (a prefix, or a directory's latest)."""
-    reader = load_checkpoint(path, storage_options)
+    """The model saved at ``path``: a checkpoint (a prefix, or a directory's latest) or a
+    ``.safetensors`` file that ``export`` wrote."""
+    reader = open_tensors(path, storage_options)
     where = getattr(reader, "prefix", path)
     record = read_structure(reader)
     if record is None:
-        raise ModelLoadError(f"{where}: checkpoint has no model structure record (_MODEL_STRUCTURE); "
-                             f"it was not written by orchestrator, restore it with a Saver instead")
+        raise ModelLoadError(_no_structure_message(where, is_safetensors(path)))
     try:
         spec = ModelSpec.from_dict(record["spec"])
     except ModelSpecError as exc:
@@ -49,6 +50,17 @@ def load_model(path: str, storage_options: Mapping[str, Any] | None = None,
     _check_names(model, record["variables"], where)
     model.assign(_read_parameters(reader, model, where))
     return model
+
+
+def _no_structure_message(where: str, exported: bool) -> str:
+    if exported:
+        return (f"{where}: the file has no model structure record (its __metadata__ has no 'structure'): it was "
+                f"exported from a checkpoint without one. Read its tensors with "
+                f"orchestrator.checkpoint.open_tensors, or re-export a checkpoint saved with "
+                f"Saver(var_list, structure=model)")
+    return (f"{where}: checkpoint has no model structure record (_MODEL_STRUCTURE): it holds tensors but not "
+            f"which model they belong to. Restore it into your variables with a Saver, or save it with "
+            f"Saver(var_list, structure=model) so load_model can rebuild the model")
 
 
 def _check_names(model: Model, names: list[str], where: str) -> None:

@@ -3,6 +3,9 @@
 ``Reporter`` turns runtime events into what the operator sees (``ProgressDisplay``),
 TensorBoard scalars (``EventFileWriter`` under ``<run_dir>/tensorboard``) and, on
 ``close``, the ``RunSummary`` (printed and written to ``<run_dir>/summary.json``).
+Every line the operator sees (progress every ``log_every_steps``, eval, checkpoint,
+failure, recovery, the summary) also goes to the ``orchestrator.run`` logger, which the
+CLI writes to ``<run_dir>/train.log`` but not to the console (the display already did).
 
 NOTE: hooks may be called from the coordinator loop and from background save threads;
 every hook takes the reporter's lock.
@@ -21,10 +24,12 @@ from typing import Any, Callable, Mapping, TextIO
 
 from orchestrator.config import JobConfig, redact
 from orchestrator.monitor.events import EventFileWriter
-from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_summary
+from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_progress, format_summary
 from orchestrator.units import human_bytes
 
 logger = logging.getLogger(__name__)
+RUN_LOGGER = "orchestrator.run"  # the display's lines, for train.log (the CLI keeps them off the console)
+run_log = logging.getLogger(RUN_LOGGER)
 
 TENSORBOARD_SUBDIR = "tensorboard"
 SUMMARY_FILE = "summary.json"
@@ -58,6 +63,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._state = ProgressState(total_steps=total_steps)
         self._display = ProgressDisplay(stream or sys.stdout, progress, log_every_steps, clock)
+        self._log_every_steps = max(1, log_every_steps)
         self._events = EventFileWriter(os.path.join(run_dir, TENSORBOARD_SUBDIR)) if tensorboard else None
         self._last_step: tuple[int, float] | None = None
         self._metrics: dict[str, float] = {}
@@ -90,6 +96,8 @@ class Reporter:
         self._state.examples_per_sec = scalars.get("examples_per_sec", self._state.examples_per_sec)
         self._write_scalars(step, scalars)
         self._display.update(self._state)
+        if step % self._log_every_steps == 0 or step >= self._state.total_steps:
+            run_log.info("%s", format_progress(self._state))
 
     @_dropped_after_close
     def on_eval(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -98,7 +106,7 @@ class Reporter:
         self._metrics.update({f"eval_{k}": v for k, v in scalars.items()})
         self._write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
         text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items()))
-        self._display.message(f"eval at step {step}: {text}")
+        self._say(f"eval at step {step}: {text}")
 
     @_dropped_after_close
     def on_checkpoint(self, step: int, seconds: float, nbytes: int) -> None:
@@ -106,20 +114,20 @@ class Reporter:
         self._state.last_checkpoint_step = step
         self._state.last_checkpoint_secs = float(seconds)
         self._write_scalars(step, {"checkpoint_save_time": seconds, "checkpoint_bytes": nbytes})
-        self._display.message(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
+        self._say(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
 
     @_dropped_after_close
     def on_failure(self, cause: Any) -> None:
         """A worker or step failed; ``cause`` is an exception or a message."""
         self._failures += 1
-        self._display.message(redact(f"failure #{self._failures}: {cause}"))
+        self._say(redact(f"failure #{self._failures}: {cause}"))
 
     @_dropped_after_close
     def on_recovery(self, seconds: float) -> None:
         """Training resumed ``seconds`` after the last failure."""
         self._recovered += 1
         self._recovery_s += float(seconds)
-        self._display.message(f"recovered in {seconds:.1f} s; training continues")
+        self._say(f"recovered in {seconds:.1f} s; training continues")
 
     # ------------------------------------------------------------------ end
     def close(self, result: Any = None, status: str | None = None) -> RunSummary:
@@ -131,11 +139,17 @@ class Reporter:
                     self._events.close()
                 self._summary = self._build_summary(result, status)
                 self._write_summary(self._summary)
+                run_log.info("%s", format_summary(self._summary))
                 self._display.stream.write(format_summary(self._summary) + "\n")
                 self._display.stream.flush()
             return self._summary
 
     # ------------------------------------------------------------------ helpers
+    def _say(self, text: str) -> None:
+        """An event line: on the display and in the run log."""
+        self._display.message(text)
+        run_log.info("%s", text)
+
     def _timing(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
         """step_time and examples_per_sec from the time between two reported steps."""
         now = self._clock()

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.checkpoint import reader
 from orchestrator.checkpoint.errors import CorruptCheckpointError, UnsupportedVersionError
-from orchestrator.checkpoint.export import ExportError, encode_safetensors, export_safetensors
+from orchestrator.checkpoint.export import ExportError, encode_safetensors, export_checkpoint, export_safetensors
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.structure import (STRUCTURE_FORMAT, STRUCTURE_KEY, decode_structure,
                                                encode_structure, read_structure, structure_tensors)
@@ -102,15 +102,27 @@ def test_export_header_is_aligned_and_offsets_are_contiguous():
     assert len(payload) == 8 + length + 10
 
 
-def test_export_without_structure_or_with_unsupported_dtype_fails(tmp_path):
-    plain = CheckpointManager(str(tmp_path / "a")).save(PARAMS, step=1)
-    with pytest.raises(ExportError, match="no model structure"):
-        export_safetensors(plain, str(tmp_path / "x.safetensors"))
+def test_export_without_structure_writes_every_tensor_and_says_what_is_missing(tmp_path):
+    from safetensors.numpy import load_file
+
+    tensors = {**PARAMS, **NOT_PARAMS, "names": np.array([b"a", b"b"], dtype=object)}
+    plain = CheckpointManager(str(tmp_path / "a")).save(tensors, step=1)
+    exported = export_checkpoint(plain, str(tmp_path / "x.safetensors"))
+    assert not exported.has_structure
+    loaded = load_file(exported.path)
+    assert sorted(loaded) == sorted({**PARAMS, **NOT_PARAMS}) == exported.tensors
+    for name, value in {**PARAMS, **NOT_PARAMS}.items():
+        assert loaded[name].tobytes() == np.asarray(value).tobytes()
+    assert "no model structure record" in exported.notes[0] and "structure=model" in exported.notes[0]
+    assert "'names'" in exported.notes[1]
+
+
+def test_export_with_an_unexportable_model_tensor_fails_and_writes_nothing(tmp_path):
     strings = {"names": np.array([b"a", b"b"], dtype=object), **structure_tensors(SPEC, ["names"])}
     prefix = CheckpointManager(str(tmp_path / "b")).save(strings, step=1)
     with pytest.raises(ExportError, match="'names'"):
         export_safetensors(prefix, str(tmp_path / "y.safetensors"))
-    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    assert not (tmp_path / "y.safetensors").exists()
 
 
 def test_export_from_s3_to_a_local_file(s3_bucket, s3_options, tmp_path):

@@ -129,8 +129,8 @@ def test_global_step_suffix_int_and_variable(tmp_path):
 
 
 def test_var_list_none_and_duplicates_are_rejected():
-    with pytest.raises(ValueError, match="var_list"):
-        Saver()
+    with pytest.raises(ValueError, match=r"Saver needs var_list: .*Saver\(model.variables\).*\{checkpoint key: Variable\}"):
+        Saver()  # says what to pass
     with pytest.raises(ValueError, match="same key 'a'"):
         Saver([Variable("a", np.zeros(1)), Variable("a", np.ones(1))])
     with pytest.raises(TypeError, match="expected a Variable"):
@@ -213,3 +213,20 @@ def test_state_file_paths_relative_or_absolute(tmp_path, relative):
     assert f'model_checkpoint_path: "{written}"' in text
     assert "all_model_checkpoint_timestamps" not in text  # the TF1 Saver writes none
     assert state.latest_checkpoint(str(tmp_path)) == prefix
+
+
+def test_structure_record_is_saved_with_the_variables_and_checked(tmp_path):
+    from orchestrator.checkpoint.structure import STRUCTURE_KEY, read_structure
+
+    kernel, bias = Variable("dense/kernel", np.ones((2, 3), np.float32)), Variable("dense/bias", np.zeros(3, np.float32))
+    spec = {"kind": "softmax", "input_dim": 2, "num_classes": 3}
+    saver = Saver([kernel, bias], structure={"spec": spec, "variables": ["dense/kernel", "dense/bias"]})
+    prefix = saver.save(str(tmp_path / "model.ckpt"), global_step=3)
+    record = read_structure(reader.CheckpointReader(prefix))
+    assert record["spec"] == spec and record["variables"] == ["dense/kernel", "dense/bias"]
+    saver.restore(prefix)  # the record is saved, never restored into a variable
+    with pytest.raises(ValueError, match=r"does not save: \['dense/bias'\]"):
+        Saver([kernel], structure={"spec": spec, "variables": ["dense/kernel", "dense/bias"]})
+    with pytest.raises(TypeError, match="structure must be a model"):
+        Saver([kernel], structure="mlp")
+    assert STRUCTURE_KEY not in Saver([kernel, bias]).tensors()

@@ -440,3 +440,27 @@ def test_bench_script_reports_every_ratio_and_cleans_up(tmp_path, capsys, monkey
     ceiling = next(line for line in out.splitlines() if line.startswith("raw+crc, warm:"))
     assert float(ceiling.split("=")[1].split("x")[0]) > 0  # the verified-read ceiling, as a ratio to raw
     assert os.listdir(tmp_path) == []
+
+
+def test_tf_v1_format_is_named_with_a_conversion_command_that_works(tmp_path):
+    """A V1 checkpoint (prefix or directory) gets "V1 format; convert with ..."; the command converts it."""
+    import shlex
+    import subprocess
+
+    from orchestrator.checkpoint.errors import CheckpointNotFoundError
+    from orchestrator.cli import main
+
+    prefix = tf_fixtures.write_tf1_v1_saver(str(tmp_path / "old"))
+    for path in (prefix, str(tmp_path / "old")):
+        with pytest.raises(CheckpointNotFoundError, match="TensorFlow V1-format checkpoint") as caught:
+            load_checkpoint(path)
+        assert "no checkpoint found" not in str(caught.value)
+    assert main(["inspect", prefix]) == 2  # bad input, one line naming the format
+    command = str(caught.value).split("Convert it with TensorFlow: ", 1)[1]
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    converted = shlex.split(command)[-1]
+    assert converted == str(tmp_path / "old" / "v2" / "model.ckpt-5")
+    with load_checkpoint(converted) as reader:
+        np.testing.assert_array_equal(reader.get_tensor("dense/kernel"), np.arange(6, dtype=np.float32).reshape(2, 3))
+        assert list(reader.get_tensor("names")) == [b"a", b""]

@@ -58,6 +58,20 @@ def write_tf1_saver(directory: str, sharded: bool, num_partitions: int = 3) -> s
                               global_step=v1.train.get_global_step())
 
 
+def write_tf1_v1_saver(directory: str) -> str:
+    """A TF1 ``Saver`` checkpoint in the old V1 format (one table file, no ``.index``)."""
+    v1 = tf.compat.v1
+    os.makedirs(directory, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        v1.get_variable("dense/kernel", initializer=np.arange(6, dtype=np.float32).reshape(2, 3))
+        v1.get_variable("names", initializer=tf.constant([b"a", b""]), dtype=tf.string)
+        saver = v1.train.Saver(write_version=v1.train.SaverDef.V1)
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            return saver.save(sess, os.path.join(os.path.abspath(directory), "model.ckpt"), global_step=5)
+
+
 # ---------------------------------------------------------------------------- TF2
 def _trained_keras_checkpoint(legacy_optimizer: bool) -> tf.train.Checkpoint:
     """A tf-keras model and optimizer after one training step, plus odd-dtype extras."""

@@ -105,3 +105,24 @@ def test_wait_for_workers_stops_when_cancelled():
     assert policy.wait_for_workers(lambda: [], poll_s=1.0,
                                    cancelled=lambda: clock.now >= 3.0) == 0
     assert clock.now == pytest.approx(3.0)
+
+
+def test_waiting_for_capacity_is_logged_on_change_and_every_interval_not_every_poll(caplog):
+    """A 300 s wait polled every 0.5 s logs a handful of lines, not 600."""
+    from orchestrator.cluster.scaling_policy import WAIT_LOG_INTERVAL_S
+
+    clock = FakeClock()
+    policy = _policy(lo=3, hi=3, timeout=400.0, clock=clock)
+
+    def probe():  # one worker fits for the first 100 s, then two, then (at 300 s) three
+        return [NodeCapacity("a", cpus=1 + (clock.now >= 100) + (clock.now >= 300))]
+
+    with caplog.at_level("INFO", logger="orchestrator.cluster.scaling_policy"):
+        assert policy.wait_for_workers(probe, poll_s=0.5) == 3
+    waits = [r.getMessage() for r in caplog.records if "waiting for capacity" in r.getMessage()]
+    assert len(clock.sleeps) == 600
+    assert WAIT_LOG_INTERVAL_S == 30.0
+    said_at = [int(w.split("(")[-1].split(" s of")[0]) for w in waits]
+    assert said_at == [0, 30, 60, 90, 100, 130, 160, 190, 220, 250, 280]  # on change (100 s), else every 30 s
+    assert waits[0].startswith("scaling: waiting for capacity: 1 worker(s) fit")
+    assert waits[4].startswith("scaling: waiting for capacity: 2 worker(s) fit")
