@@ -3,16 +3,19 @@
 (a) training stall per checkpoint, async vs synchronous save, for a wide MLP of >= 200 MB;
 (b) aggregate checkpoint write throughput with M = 1, 2, 4 writers vs a raw write+fsync of the
     same bytes to the same disk;
-(c) training steps/second with M = 1, 2, 4 (the 784-625-625-10 reference MLP, batch 128).
+(c) training steps/second with M = 1, 2, 4 (the 784-625-625-10 reference MLP, batch 128), each
+    step split into compute (the engine), communication and orchestration, and the ratio M/1.
 
     python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
 
-Everything runs on an in-process local Ray; checkpoints are fsync'd.
+Everything runs on an in-process local Ray with one BLAS thread per worker
+(OMP/OPENBLAS/MKL_NUM_THREADS=1); checkpoints are fsync'd.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -29,6 +32,8 @@ from orchestrator.config import (CheckpointConfig, DataConfig, Dataset, JobConfi
                                  OptimizerConfig, OptimizerName, ResourcesConfig, TrainConfig)
 
 INPUT_DIM = 1024
+WARMUP_STEPS = 10
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def wide_hidden(model_mb: float) -> int:
@@ -139,18 +144,55 @@ def bench_throughput(root: str, model_mb: float, worker_counts: list[int], repea
 
 
 # ------------------------------------------------------------------------------ (c)
-def bench_steps(root: str, worker_counts: list[int], steps: int) -> None:
-    print(f"(c) training throughput, 784-625-625-10 MLP, synthetic data, batch 128, sgd, "
-          f"mean over {steps} steps after 5 warm-up steps")
+@dataclasses.dataclass
+class StepSplit:
+    """Mean per-step seconds of one measured stretch, split by where the time went."""
+
+    workers: int
+    step_s: float
+    compute_s: float        # the engine: gather, forward, backward, in-order sum, update
+    communication_s: float  # moving gradients and parameters inside the workers
+    orchestration_s: float  # the rest: driver round trips, Ray task submission, serialization, transfers
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1.0 / self.step_s
+
+
+def worker_timings(coordinator: Coordinator) -> list:
+    return ray.get([w.step_timings.remote() for w in coordinator.workers], timeout=120)
+
+
+def measure_split(coordinator: Coordinator, steps: int) -> StepSplit:
+    """Time ``steps`` steps from the driver; split them with the workers' own timings."""
+    before = worker_timings(coordinator)
+    step_s = mean_step_time(coordinator, steps)
+    after = worker_timings(coordinator)
+    per_rank = [((a.compute_s - b.compute_s) / steps, (a.exchange_s - b.exchange_s) / steps)
+                for a, b in zip(after, before)]
+    compute, communication = max(per_rank, key=sum)  # the busiest rank is the step's critical path
+    return StepSplit(len(per_rank), step_s, compute, communication,
+                     max(0.0, step_s - compute - communication))
+
+
+def bench_steps(root: str, worker_counts: list[int], steps: int) -> list[StepSplit]:
+    print(f"(c) training throughput, 784-625-625-10 MLP, synthetic data, global batch 128, sgd, one BLAS "
+          f"thread per worker; steady state: mean over {steps} steps after {WARMUP_STEPS} warm-up steps")
+    splits = []
     for workers in worker_counts:
         config = job(os.path.join(root, f"steps{workers}"), workers, [625, 625], 784, batch=128, steps=10**6)
         coordinator = started(config)
         try:
-            mean_step_time(coordinator, 5)
-            per_step = mean_step_time(coordinator, steps)
+            mean_step_time(coordinator, WARMUP_STEPS)
+            splits.append(measure_split(coordinator, steps))
         finally:
             coordinator.shutdown()
-        print(f"    M={workers}: {1 / per_step:.1f} steps/s ({128 / per_step:.0f} examples/s)")
+    base = splits[0].steps_per_s
+    print("    | M | steps/s | vs M=1 | step ms | compute ms | communication ms | orchestration ms |")
+    for s in splits:
+        print(f"    | {s.workers} | {s.steps_per_s:.1f} | {s.steps_per_s / base:.2f}x | {s.step_s * 1e3:.2f} | "
+              f"{s.compute_s * 1e3:.2f} | {s.communication_s * 1e3:.2f} | {s.orchestration_s * 1e3:.2f} |")
+    return splits
 
 
 def main() -> None:
@@ -160,10 +202,12 @@ def main() -> None:
     parser.add_argument("--stall-workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="saves of each kind in (a)")
     parser.add_argument("--repeats", type=int, default=3, help="saves per M in (b)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per M in (c)")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per M in (c)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
     parser.add_argument("--only", choices=["a", "b", "c"], nargs="+", default=["a", "b", "c"])
     args = parser.parse_args()
+    for name in BLAS_THREAD_VARIABLES:  # one BLAS thread per worker: Ray's workers inherit these
+        os.environ[name] = "1"
     root = tempfile.mkdtemp(prefix="bench_runtime_", dir=args.dir)
     ray.init(address="local", num_cpus=max(8, max(args.workers)), include_dashboard=False, log_to_driver=False)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; scratch dir {root}")

@@ -19,8 +19,10 @@ calls keep running). Nothing here ever commits a checkpoint: the coordinator doe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -53,6 +55,22 @@ def decode_json_tensor(value: Any) -> dict:
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
 
 
+@dataclasses.dataclass
+class StepTimings:
+    """Where one rank's training time went, summed over steps (``scripts/bench_runtime.py`` reads it).
+
+    compute: the engine's work (batch gather, forward, backward, the in-order gradient sum,
+    the optimizer update). exchange: moving gradients and parameters inside this process
+    (host copies, building the per-owner dicts, installing received parameters). Time
+    outside the worker's methods (driver round trips, Ray serialization and transfers) is
+    neither; the benchmark reports it as orchestration.
+    """
+
+    steps: int = 0
+    compute_s: float = 0.0
+    exchange_s: float = 0.0
+
+
 class TrainWorker:
     """Plain class holding one rank's state; ``WorkerActor`` is its Ray actor form."""
 
@@ -75,6 +93,7 @@ class TrainWorker:
         self.saver = ShardSaver(rank, config.checkpoint.storage_options, config.checkpoint.fsync)
         self._train_x = self.backend.asarray(self.dataset.train_x)  # host -> device once
         self._train_y = self.backend.asarray(self.dataset.train_y)
+        self.timings = StepTimings()
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict:
@@ -88,10 +107,16 @@ class TrainWorker:
     def compute_grads(self, step: int, *owner_params: Mapping[str, Any]) -> tuple:
         """Gradients of this rank's slice of the global batch of ``step``, split by owner."""
         self._check_step(step)
-        metrics, grads = self._slice_grads(step, self._gather_params(owner_params))
+        began = time.perf_counter()
+        params = self._gather_params(owner_params)
+        computing = time.perf_counter()
+        metrics, grads = self._slice_grads(step, params)
+        computed = time.perf_counter()
         by_owner = [{} for _ in range(self.num_workers)]
         for name, grad in grads.items():
             by_owner[self.ownership.owner[name]][name] = self.backend.to_host(grad)
+        self.timings.compute_s += computed - computing
+        self.timings.exchange_s += (computing - began) + (time.perf_counter() - computed)
         return (metrics, *by_owner)
 
     def _slice_grads(self, step: int, params: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -110,13 +135,19 @@ class TrainWorker:
         """
         self._check_step(step)
         self.saver.wait_snapshot()  # an async save must have copied the values we now change
+        began = time.perf_counter()
         for name in self.owned:
             total = self.backend.asarray(grads_by_rank[0][name])
             for grads in grads_by_rank[1:]:
                 total = total + self.backend.asarray(grads[name])
             self.optimizer.apply(self.variables[name], total, self.slots[name], step)
         self.global_step = step + 1
-        return {"rank": self.rank, "global_step": self.global_step}, self.owned_params()
+        applied = time.perf_counter()
+        params = self.owned_params()
+        self.timings.compute_s += applied - began
+        self.timings.exchange_s += time.perf_counter() - applied
+        self.timings.steps += 1
+        return {"rank": self.rank, "global_step": self.global_step}, params
 
     def evaluate(self, *owner_params: Mapping[str, Any]) -> dict[str, float]:
         params = self._gather_params(owner_params)
@@ -134,6 +165,9 @@ class TrainWorker:
     def _check_step(self, step: int) -> None:
         if step != self.global_step:
             raise RuntimeError(f"rank {self.rank}: asked for step {step} but is at step {self.global_step}")
+
+    def step_timings(self) -> StepTimings:
+        return dataclasses.replace(self.timings)
 
     # ------------------------------------------------------------------ NCCL path (GPU)
     def nccl_unique_id(self) -> Any:
