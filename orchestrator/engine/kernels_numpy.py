@@ -5,17 +5,19 @@ GPU kernel); models and optimizers call them through ``Backend.ops``. Arrays
 may be float32 (training) or float64 (gradient checks); scalars are cast to the
 array's dtype so float32 math stays float32.
 
-Activations: "relu", and "gelu" in its tanh form
+Activations: "relu", "tanh", and "gelu" in its tanh form
 (0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), as ``tf.nn.gelu(approximate=True)``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from orchestrator.engine import rng
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "tanh")
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 
@@ -38,15 +40,21 @@ def bias_act_dropout(z: np.ndarray, bias: np.ndarray, activation: str,
                      mask: np.ndarray | None) -> np.ndarray:
     """z += bias (in place, kept for the backward pass); returns act(z) * mask."""
     np.add(z, bias, out=z)
-    if activation == "relu":
-        a = np.maximum(z, 0)
-    elif activation == "gelu":
-        a = _gelu(z)
-    else:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    a = activation_forward(z, activation)
     if mask is not None:
         np.multiply(a, mask, out=a)
     return a
+
+
+def activation_forward(z: np.ndarray, activation: str) -> np.ndarray:
+    """act(z) as a new array (z is kept for the backward pass)."""
+    if activation == "relu":
+        return np.maximum(z, 0)
+    if activation == "gelu":
+        return _gelu(z)
+    if activation == "tanh":
+        return np.tanh(z)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
@@ -58,6 +66,11 @@ def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
         np.multiply(da, z > 0, out=da)
     elif activation == "gelu":
         np.multiply(da, _gelu_grad(z), out=da)
+    elif activation == "tanh":
+        t = np.tanh(z)
+        np.multiply(t, t, out=t)
+        np.subtract(1, t, out=t)                # 1 - tanh(z)^2
+        np.multiply(da, t, out=da)
     else:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     return da
@@ -77,6 +90,79 @@ def _gelu_grad(z: np.ndarray) -> np.ndarray:
     # d/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2)
     inner = _GELU_C * (1 + 3 * _GELU_A * z2)
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * inner
+
+
+# --------------------------------------------------------------------------- layer normalization
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
+               epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of x [N, D] normalized: (y = xhat * gamma + beta, xhat, rstd [N, 1]); x is not written."""
+    t = x.dtype.type
+    xhat = x - x.mean(axis=1, keepdims=True)
+    var = np.einsum("ij,ij->i", xhat, xhat)[:, None]                  # [N, 1] sum of squares
+    var *= t(1.0 / x.shape[1])
+    var += t(epsilon)
+    rstd = np.sqrt(var, out=var)
+    np.divide(1, rstd, out=rstd)
+    xhat *= rstd
+    y = np.multiply(xhat, gamma)
+    y += beta
+    return y, xhat, rstd
+
+
+def layer_norm_grad(dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray,
+                    gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dgamma, dbeta) for ``layer_norm``; ``dy`` [N, D] is overwritten (it becomes dx)."""
+    t = dy.dtype.type
+    dgamma = np.einsum("ij,ij->j", dy, xhat)
+    dbeta = dy.sum(axis=0)
+    dy *= gamma                                                      # dxhat
+    inv_d = t(1.0 / dy.shape[1])
+    mean_dxhat = dy.sum(axis=1, keepdims=True)
+    mean_dxhat *= inv_d
+    mean_dxhat_xhat = np.einsum("ij,ij->i", dy, xhat)[:, None]
+    mean_dxhat_xhat *= inv_d
+    dy -= mean_dxhat                                                 # dx = rstd (dxhat - mean(dxhat)
+    dy -= xhat * mean_dxhat_xhat                                     #        - xhat mean(dxhat xhat))
+    dy *= rstd
+    return dy, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------- attention softmax
+@functools.lru_cache(maxsize=32)
+def _causal_bias(queries: int, keys: int, dtype: np.dtype) -> np.ndarray:
+    """[T, S]: 0 where query t may see key s (s <= t + S - T), -inf elsewhere."""
+    bias = np.triu(np.full((queries, keys), -np.inf, dtype=dtype), k=1 + keys - queries)
+    bias.flags.writeable = False
+    return bias
+
+
+def attention_softmax(scores: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+    """softmax(scale * scores) over the last axis, future keys masked when ``causal``; in place."""
+    t = scores.dtype.type
+    scores *= t(scale)
+    if causal:
+        scores += _causal_bias(scores.shape[-2], scores.shape[-1], scores.dtype)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def attention_softmax_grad(dprobs: np.ndarray, probs: np.ndarray, scale: float) -> np.ndarray:
+    """d(scores) = scale * probs * (dprobs - sum(dprobs * probs)), written over ``dprobs``."""
+    t = dprobs.dtype.type
+    dot = np.einsum("...j,...j->...", dprobs, probs)[..., None]
+    dprobs -= dot
+    dprobs *= probs
+    dprobs *= t(scale)
+    return dprobs
+
+
+# --------------------------------------------------------------------------- embedding
+def scatter_add_rows(target: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """target[indices[i]] += values[i] for every i (repeated indices add up); returns target."""
+    np.add.at(target, indices, values)
+    return target
 
 
 # --------------------------------------------------------------------------- loss

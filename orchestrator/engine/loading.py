@@ -6,7 +6,8 @@
     scores = model.logits(None, x)
 
 The checkpoint's structure record (``_MODEL_STRUCTURE``, JSON parsed with
-``json`` only: nothing is unpickled or executed) gives the ``ModelSpec`` and the
+``json`` only: nothing is unpickled or executed) gives the model spec (any kind, see
+``specs.spec_from_dict``) and the
 parameter names; the parameters are read by name (range reads) and assigned.
 ``model_structure_tensors`` is the writing side: the tensor to add to a save.
 """
@@ -21,7 +22,8 @@ from orchestrator.checkpoint.errors import CheckpointError
 from orchestrator.checkpoint.safetensors_file import is_safetensors, open_tensors
 from orchestrator.checkpoint.structure import read_structure, structure_tensors
 from orchestrator.engine.backend import get_backend
-from orchestrator.engine.models import Model, ModelSpec, ModelSpecError, build_model
+from orchestrator.engine.models import Model, ModelSpecError, build_model
+from orchestrator.engine.specs import spec_from_dict
 
 
 class ModelLoadError(CheckpointError, ValueError):
@@ -43,10 +45,9 @@ def load_model(path: str, storage_options: Mapping[str, Any] | None = None,
     if record is None:
         raise ModelLoadError(_no_structure_message(where, is_safetensors(path)))
     try:
-        spec = ModelSpec.from_dict(record["spec"])
+        model = build_model(spec_from_dict(record["spec"]), get_backend(device), seed=0)
     except ModelSpecError as exc:
         raise ModelLoadError(f"{where}: bad model spec in the structure record: {exc}") from exc
-    model = build_model(spec, get_backend(device), seed=0)
     _check_names(model, record["variables"], where)
     model.assign(_read_parameters(reader, model, where))
     return model

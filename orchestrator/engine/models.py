@@ -106,7 +106,13 @@ def dense_name(index: int) -> str:
 
 
 def build_model(spec: ModelSpec, backend: Backend, seed: int) -> "Model":
-    """A model with deterministic initial weights for ``seed``."""
+    """A model with deterministic initial weights for ``seed``.
+
+    Layer-library specs (``network.SequentialSpec``, ``transformer.TransformerSpec``) build
+    themselves (``spec.build``); see ``specs.spec_from_dict`` for every kind.
+    """
+    if not isinstance(spec, ModelSpec):
+        return spec.build(backend, seed)
     variables = []
     sizes = spec.layer_sizes
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
