@@ -1,6 +1,6 @@
 """Datasets and the deterministic sampler.
 
-    load_dataset("digits" | "mnist" | "synthetic", path=None, storage_options=None, **opts) -> Dataset
+    load_dataset("digits" | "mnist" | "synthetic" | "chars", path=None, storage_options=None, **opts) -> Dataset
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, no download), pixels
   scaled to [0, 1], input_dim 64; a fixed split (``test_fraction`` 0.2 by default,
@@ -9,6 +9,12 @@
   raw or ``.gz``) in the directory or URL ``path``, read through ``Storage`` (fsspec).
 - ``synthetic``: ``num_examples``/``num_test`` examples of ``input_dim`` uniform
   features labelled by a random linear teacher: learnable, any size, a function of ``seed``.
+- ``chars``: next-character prediction on a text: by default the Python documentation
+  topics that ship with every Python (``pydoc_data.topics``, about 465k characters), else
+  the UTF-8 text file ``path``. The vocabulary is the sorted set of the text's characters;
+  the last ``eval_fraction`` (0.1) of the text is held out. An example is ``context``
+  token ids and the same window shifted by one as labels ([context] each); training
+  windows start every ``context // 2`` characters, held-out windows every ``context``.
 
 ``Sampler(num_examples, global_batch_size, seed)``: the order of examples in epoch
 ``e`` is the permutation drawn by ``Generator(Philox(SeedSequence([seed, e])))``.
@@ -30,7 +36,7 @@ import numpy as np
 from orchestrator import rules
 from orchestrator.checkpoint.storage import Storage
 
-DATASETS = ("digits", "mnist", "synthetic")
+DATASETS = ("digits", "mnist", "synthetic", "chars")
 MNIST_FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -41,6 +47,7 @@ DATASET_OPTIONS = {
     "digits": ("test_fraction", "split_seed"),
     "mnist": (),
     "synthetic": ("num_examples", "input_dim", "num_classes", "num_test", "seed"),
+    "chars": ("context", "eval_fraction"),
 }
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -51,12 +58,14 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features float32 [N, D] in [0, 1] and labels int64 [N]."""
+    """Features float32 [N, D] in [0, 1] and labels int64 [N]; for ``chars``, token ids
+    [N, context] and next-token labels [N, context], with the characters in ``vocabulary``."""
 
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    vocabulary: tuple[str, ...] | None = None
 
     @property
     def input_dim(self) -> int:
@@ -64,6 +73,8 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        if self.vocabulary is not None:
+            return len(self.vocabulary)
         return int(max(self.train_y.max(), self.test_y.max())) + 1
 
 
@@ -80,6 +91,8 @@ def load_dataset(name: str, path: str | None = None,
         return load_digits(**opts)
     if name == "synthetic":
         return make_synthetic(**opts)
+    if name == "chars":
+        return load_chars(path, storage_options, **opts)
     if path is None:
         raise DatasetError("dataset 'mnist' needs a path (directory or URL holding the IDX files)")
     return load_mnist(path, storage_options)
@@ -121,6 +134,62 @@ def make_synthetic(num_examples: int = 10000, input_dim: int = 784, num_classes:
     x = generator.random((num_examples + num_test, input_dim), dtype=np.float32)
     y = np.argmax((x - 0.5) @ teacher, axis=1).astype(np.int64)
     return Dataset(x[:num_examples], y[:num_examples], x[num_examples:], y[num_examples:])
+
+
+# --------------------------------------------------------------------------- characters
+def python_docs_text() -> str:
+    """The pydoc topics shipped with Python, in a fixed order (sorted by topic name)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[name] for name in sorted(topics))
+
+
+def load_chars(path: str | None = None, storage_options: Mapping[str, Any] | None = None,
+               context: int = 64, eval_fraction: float = 0.1) -> Dataset:
+    """Next-character windows of a text (see the module docstring)."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise DatasetError(f"chars: context must be a positive integer, got {context!r}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise DatasetError(f"chars: eval_fraction must be in (0, 1), got {eval_fraction}")
+    text = python_docs_text() if path is None else _read_text(path, storage_options)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    points, ids = np.unique(codes, return_inverse=True)
+    split = int(len(ids) * (1.0 - eval_fraction))
+    train, test = ids[:split], ids[split:]
+    if min(len(train), len(test)) < context + 1:
+        raise DatasetError(f"chars: {path or 'pydoc_data'} holds {len(ids)} characters, too few for "
+                           f"context {context} with eval_fraction {eval_fraction}")
+    train_x, train_y = _windows(train, context, max(1, context // 2))
+    test_x, test_y = _windows(test, context, context)
+    vocabulary = tuple(chr(int(p)) for p in points)
+    return Dataset(train_x, train_y, test_x, test_y, vocabulary)
+
+
+def _read_text(path: str, storage_options: Mapping[str, Any] | None) -> str:
+    storage, location = Storage.for_path(path, storage_options)
+    try:
+        return storage.read_bytes(location).decode("utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"chars: text file {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"chars: {path} is not UTF-8 text: {exc}") from None
+
+
+def _windows(ids: np.ndarray, context: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, next-token labels), each [N, context], for windows starting every ``stride``."""
+    starts = np.arange(0, len(ids) - context, stride)
+    offsets = starts[:, None] + np.arange(context)[None, :]
+    return ids[offsets].astype(np.int32), ids[offsets + 1].astype(np.int64)
+
+
+def unigram_cross_entropy(dataset: Dataset) -> float:
+    """Mean cross-entropy (nats) of the held-out labels under the training labels' character
+    frequencies (add-one smoothed): the loss of a model that ignores context, the baseline
+    a character model must beat."""
+    classes = dataset.num_classes
+    counts = np.bincount(dataset.train_y.ravel(), minlength=classes).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[dataset.test_y.ravel()].mean())
 
 
 # --------------------------------------------------------------------------- MNIST IDX

@@ -6,13 +6,17 @@ needs cupy. Matmuls are not here: models call ``cupy.matmul`` (cuBLAS).
 
 - dropout masks: ``ElementwiseKernel`` running Philox4x32-10 (``rng.CUDA_PHILOX_SOURCE``),
   the same bits as ``rng.keep_mask`` on numpy;
-- bias + activation (+ dropout) forward and backward: ``ElementwiseKernel``;
+- bias + activation (+ dropout) forward and backward, activation alone: ``ElementwiseKernel``;
 - softmax cross-entropy forward + backward in one pass: ``RawKernel`` (one thread per row),
   the loss summed in float64 by a ``ReductionKernel``;
+- layer normalization forward, and its input gradient: one warp per row (``RawModule``);
+- attention softmax (scale, causal mask, softmax in one pass) and its gradient: one warp per row;
+- embedding gradients: ``cupy.add.at`` (atomic adds of repeated rows);
 - optimizer updates, one fused ``ElementwiseKernel`` per rule.
 
-Kernels are compiled with ``--fmad=false`` so a*b+c rounds as numpy does (no
-fused multiply-add), keeping the two paths within a few ulps.
+The CUDA sources live in ``cuda_sources`` (compile-checked without a GPU). Kernels are
+compiled with ``--fmad=false`` so a*b+c rounds as numpy does (no fused multiply-add),
+keeping the two paths within a few ulps.
 """
 
 from __future__ import annotations
@@ -22,23 +26,10 @@ import functools
 import cupy as cp
 import numpy as np
 
-from orchestrator.engine import rng
+from orchestrator.engine import cuda_sources, rng
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = tuple(cuda_sources.ACT_FORWARD)
 _OPTIONS = ("--fmad=false",)
-
-_GELU_DEFS = "const T gelu_c = (T)0.7978845608028654; const T gelu_a = (T)0.044715;"
-_ACT_FORWARD = {
-    "relu": "T act = v > (T)0 ? v : (T)0;",
-    "gelu": _GELU_DEFS + "T act = (T)0.5 * (v * ((T)1 + tanh(gelu_c * (v + gelu_a * v * v * v))));",
-}
-_ACT_GRAD = {
-    "relu": "T slope = z > (T)0 ? (T)1 : (T)0;",
-    "gelu": _GELU_DEFS + (
-        "T z2 = z * z; T t = tanh(gelu_c * (z + gelu_a * z2 * z));"
-        "T inner = gelu_c * ((T)1 + (T)3 * gelu_a * z2);"
-        "T slope = (T)0.5 * ((T)1 + t) + (T)0.5 * z * ((T)1 - t * t) * inner;"),
-}
 
 
 def _check_activation(activation: str) -> None:
@@ -47,18 +38,8 @@ def _check_activation(activation: str) -> None:
 
 
 # --------------------------------------------------------------------------- dropout
-_dropout_mask_kernel = cp.ElementwiseKernel(
-    "uint64 seed, uint64 step, uint32 layer, int64 example_offset, int64 units, uint32 threshold, T scale",
-    "T mask",
-    """
-    long long row = i / units;
-    unsigned int unit = (unsigned int)(i % units);
-    unsigned long long example = (unsigned long long)(example_offset + row);
-    mask = orch_dropout_keep(seed, step, layer, example, unit, threshold) ? scale : (T)0;
-    """,
-    "orch_dropout_mask",
-    preamble=rng.CUDA_PHILOX_SOURCE,
-)
+_dropout_mask_kernel = cp.ElementwiseKernel(*cuda_sources.DROPOUT_MASK, "orch_dropout_mask",
+                                            preamble=rng.CUDA_PHILOX_SOURCE)
 
 
 def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
@@ -81,22 +62,25 @@ def apply_mask(x: cp.ndarray, mask: cp.ndarray | None) -> cp.ndarray:
 # --------------------------------------------------------------------------- dense + activation
 @functools.lru_cache(maxsize=None)
 def _bias_act_kernel(activation: str, masked: bool) -> cp.ElementwiseKernel:
-    mask_in = ", T mask" if masked else ""
-    times_mask = " * mask" if masked else ""
-    return cp.ElementwiseKernel(
-        "T bias" + mask_in, "T z, T a",
-        "T v = z + bias; z = v; " + _ACT_FORWARD[activation] + f" a = act{times_mask};",
-        f"orch_bias_{activation}{'_dropout' if masked else ''}", options=_OPTIONS)
+    return cp.ElementwiseKernel(*cuda_sources.bias_act(activation, masked),
+                                f"orch_bias_{activation}{'_dropout' if masked else ''}", options=_OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
 def _act_grad_kernel(activation: str, masked: bool) -> cp.ElementwiseKernel:
-    mask_in = ", T mask" if masked else ""
-    times_mask = "da = da * mask; " if masked else ""
-    return cp.ElementwiseKernel(
-        "T z" + mask_in, "T da",
-        _ACT_GRAD[activation] + times_mask + " da = da * slope;",
-        f"orch_{activation}{'_dropout' if masked else ''}_grad", options=_OPTIONS)
+    return cp.ElementwiseKernel(*cuda_sources.act_grad(activation, masked),
+                                f"orch_{activation}{'_dropout' if masked else ''}_grad", options=_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _act_kernel(activation: str) -> cp.ElementwiseKernel:
+    return cp.ElementwiseKernel(*cuda_sources.act(activation), f"orch_{activation}", options=_OPTIONS)
+
+
+def activation_forward(z: cp.ndarray, activation: str) -> cp.ndarray:
+    """act(z) as a new array (z is kept for the backward pass)."""
+    _check_activation(activation)
+    return _act_kernel(activation)(z)
 
 
 def bias_act_dropout(z: cp.ndarray, bias: cp.ndarray, activation: str,
@@ -125,42 +109,13 @@ def bias_act_dropout_grad(da: cp.ndarray, z: cp.ndarray, activation: str,
 
 
 # --------------------------------------------------------------------------- loss
-_SOFTMAX_XENT_SOURCE = r"""
-template<typename T>
-__global__ void orch_softmax_xent(T* logits, const long long* labels, T* loss, int* correct,
-                                  const int rows, const int classes, const T scale) {
-    const int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) return;
-    T* row = logits + (long long)r * classes;
-    T top = row[0];
-    int arg = 0;
-    for (int j = 1; j < classes; ++j) {
-        if (row[j] > top) { top = row[j]; arg = j; }
-    }
-    const long long label = labels[r];
-    const T label_shifted = row[label] - top;
-    T total = (T)0;
-    for (int j = 0; j < classes; ++j) {
-        const T e = exp(row[j] - top);
-        row[j] = e;
-        total += e;
-    }
-    loss[r] = log(total) - label_shifted;
-    correct[r] = (arg == label) ? 1 : 0;
-    const T factor = scale / total;
-    for (int j = 0; j < classes; ++j) {
-        row[j] = row[j] * factor;
-    }
-    row[label] -= scale;
-}
-"""
 _XENT_NAMES = {np.dtype(np.float32): "orch_softmax_xent<float>", np.dtype(np.float64): "orch_softmax_xent<double>"}
 _THREADS = 128
 
 
 @functools.lru_cache(maxsize=None)
 def _softmax_module() -> cp.RawModule:
-    return cp.RawModule(code=_SOFTMAX_XENT_SOURCE, options=_OPTIONS,
+    return cp.RawModule(code=cuda_sources.RAW_SOFTMAX_XENT, options=_OPTIONS,
                         name_expressions=list(_XENT_NAMES.values()))
 
 
@@ -189,35 +144,90 @@ def softmax_cross_entropy(logits: cp.ndarray, labels: cp.ndarray,
     return loss_sum, num_correct, logits
 
 
+# --------------------------------------------------------------------------- warp-per-row kernels
+_WARPS_PER_BLOCK = 4
+_TYPE_NAMES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_module(source_key: str) -> cp.RawModule:
+    source, functions = cuda_sources.RAW_SOURCES[source_key]
+    names = [f"{f}<{t}>" for f in functions for t in _TYPE_NAMES.values()]
+    return cp.RawModule(code=source, options=_OPTIONS, name_expressions=names)
+
+
+def _launch_rows(source_key: str, function: str, rows: int, dtype, args: tuple) -> None:
+    """Run ``function<T>`` with one warp per row (``_WARPS_PER_BLOCK`` rows per block)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _TYPE_NAMES:
+        raise TypeError(f"{function} supports float32/float64, got {dtype}")
+    kernel = _warp_module(source_key).get_function(f"{function}<{_TYPE_NAMES[dtype]}>")
+    blocks = (rows + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
+    kernel((blocks,), (32 * _WARPS_PER_BLOCK,), args)
+
+
+def layer_norm(x: cp.ndarray, gamma: cp.ndarray, beta: cp.ndarray,
+               epsilon: float) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray]:
+    """Rows of x [N, D] normalized: (y = xhat * gamma + beta, xhat, rstd [N, 1]); x is not written."""
+    x = cp.ascontiguousarray(x)
+    rows, cols = x.shape
+    y, xhat = cp.empty_like(x), cp.empty_like(x)
+    rstd = cp.empty((rows, 1), dtype=x.dtype)
+    t = x.dtype.type
+    _launch_rows("layer_norm", "orch_layer_norm", rows, x.dtype,
+                 (x, cp.ascontiguousarray(gamma), cp.ascontiguousarray(beta), y, xhat, rstd,
+                  np.int32(rows), np.int32(cols), t(epsilon)))
+    return y, xhat, rstd
+
+
+def layer_norm_grad(dy: cp.ndarray, xhat: cp.ndarray, rstd: cp.ndarray,
+                    gamma: cp.ndarray) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray]:
+    """(dx, dgamma, dbeta) for ``layer_norm``; ``dy`` [N, D] (contiguous) is overwritten (it becomes dx)."""
+    dgamma = cp.sum(dy * xhat, axis=0)
+    dbeta = cp.sum(dy, axis=0)
+    rows, cols = dy.shape
+    _launch_rows("layer_norm", "orch_layer_norm_grad", rows, dy.dtype,
+                 (dy, xhat, rstd, cp.ascontiguousarray(gamma), np.int32(rows), np.int32(cols)))
+    return dy, dgamma, dbeta
+
+
+def attention_softmax(scores: cp.ndarray, scale: float, causal: bool) -> cp.ndarray:
+    """softmax(scale * scores) over the last axis, future keys masked when ``causal``; in place."""
+    scores = cp.ascontiguousarray(scores)          # matmul output: already contiguous, no copy
+    queries, keys = scores.shape[-2], scores.shape[-1]
+    rows = scores.size // keys
+    _launch_rows("attention_softmax", "orch_attention_softmax", rows, scores.dtype,
+                 (scores, np.int32(rows), np.int32(queries), np.int32(keys), scores.dtype.type(scale),
+                  np.int32(1 if causal else 0)))
+    return scores
+
+
+def attention_softmax_grad(dprobs: cp.ndarray, probs: cp.ndarray, scale: float) -> cp.ndarray:
+    """d(scores) = scale * probs * (dprobs - sum(dprobs * probs)), written over ``dprobs``."""
+    dprobs = cp.ascontiguousarray(dprobs)
+    keys = dprobs.shape[-1]
+    rows = dprobs.size // keys
+    _launch_rows("attention_softmax", "orch_attention_softmax_grad", rows, dprobs.dtype,
+                 (dprobs, cp.ascontiguousarray(probs), np.int32(rows), np.int32(keys), dprobs.dtype.type(scale)))
+    return dprobs
+
+
+def scatter_add_rows(target: cp.ndarray, indices: cp.ndarray, values: cp.ndarray) -> cp.ndarray:
+    """target[indices[i]] += values[i] for every i (repeated indices add up, atomically); returns target."""
+    add_at = getattr(cp.add, "at", None)
+    if add_at is not None:
+        add_at(target, indices, values)
+    else:                                               # cupy < 13
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    return target
+
+
 # --------------------------------------------------------------------------- optimizers
-_sgd_kernel = cp.ElementwiseKernel(
-    "T grad, T lr", "T var", "var = var - lr * grad;", "orch_sgd", options=_OPTIONS)
-
-_momentum_kernel = cp.ElementwiseKernel(
-    "T grad, T lr, T momentum", "T var, T accum",
-    "T acc = accum * momentum; acc = acc + grad; accum = acc; var = var - lr * acc;",
-    "orch_momentum", options=_OPTIONS)
-
-_rmsprop_kernel = cp.ElementwiseKernel(
-    "T grad, T lr, T one_minus_decay, T momentum, T epsilon", "T var, T ms, T mom",
-    """
-    T s = grad * grad; s = s - ms; s = s * one_minus_decay;
-    T new_ms = ms + s; ms = new_ms;
-    T step = grad / sqrt(new_ms + epsilon); step = step * lr;
-    T new_mom = mom * momentum; new_mom = new_mom + step; mom = new_mom;
-    var = var - new_mom;
-    """,
-    "orch_rmsprop", options=_OPTIONS)
-
-_adam_kernel = cp.ElementwiseKernel(
-    "T grad, T lr_t, T one_minus_beta1, T one_minus_beta2, T epsilon", "T var, T m, T v",
-    """
-    T dm = grad - m; dm = dm * one_minus_beta1; T new_m = m + dm; m = new_m;
-    T dv = grad * grad; dv = dv - v; dv = dv * one_minus_beta2; T new_v = v + dv; v = new_v;
-    T step = new_m * lr_t; step = step / (sqrt(new_v) + epsilon);
-    var = var - step;
-    """,
-    "orch_adam", options=_OPTIONS)
+_sgd_kernel, _momentum_kernel, _rmsprop_kernel, _adam_kernel = (
+    cp.ElementwiseKernel(*cuda_sources.OPTIMIZERS[rule], f"orch_{rule}", options=_OPTIONS)
+    for rule in ("sgd", "momentum", "rmsprop", "adam"))
 
 
 def sgd_update(var: cp.ndarray, grad: cp.ndarray, lr: float) -> None:

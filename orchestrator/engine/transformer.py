@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.engine.backend import Backend
+from orchestrator.engine.layers import parse_layers
 from orchestrator.engine.models import ModelSpecError
 from orchestrator.engine.network import Network, spec_fields_from_dict
 
@@ -71,6 +72,10 @@ class TransformerSpec:
         return self.vocab
 
     def layer_configs(self) -> list[dict]:
+        """The expanded layer list, canonical (every option written out)."""
+        return [layer.to_config() for layer in parse_layers(self._layers(), "layers")]
+
+    def _layers(self) -> list[dict]:
         norm = {"type": "layer_normalization", "epsilon": self.epsilon}
         drop = {"type": "dropout", "rate": self.dropout}
         attention = {"type": "multi_head_attention", "num_heads": self.heads, "causal": True,

@@ -80,3 +80,26 @@ def test_training_on_gpu_tracks_cpu_training(gpu_backend):
 
 def test_gpu_device_name_resolves_to_cupy(gpu_backend):
     assert get_backend("gpu").name == "cupy" and get_backend("auto").name == "cupy"
+
+
+@pytest.mark.parametrize("case", ["cnn", "max-pooling", "average-pooling", "attention-causal-dropout", "transformer"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_networks_agree(gpu_backend, case, dtype):
+    """Every fused layer kernel (bias+activation, layer norm, attention softmax, dropout, embedding
+    scatter) gives numpy's loss and gradients on a CNN and a transformer."""
+    from tests.engine.test_layers import _problem
+
+    cpu_model, cpu_params, x, y = _problem(case, numpy_backend(), batch=6)
+    gpu_model = cpu_model.spec.build(gpu_backend, seed=1)
+    cpu_params = {k: v.astype(dtype) for k, v in cpu_params.items()}
+    gpu_params = {k: gpu_backend.asarray(v) for k, v in cpu_params.items()}
+    kwargs = dict(step=2, example_offset=3, global_batch_size=10, seed=7)
+    cpu_loss, cpu_correct, cpu_grads = cpu_model.loss_and_grads(cpu_params, x, y, **kwargs)
+    gpu_loss, gpu_correct, gpu_grads = gpu_model.loss_and_grads(gpu_params, gpu_backend.asarray(x),
+                                                                gpu_backend.asarray(y), **kwargs)
+    tolerance = 1e-4 if dtype == np.float32 else 1e-10
+    assert gpu_loss == pytest.approx(cpu_loss, rel=tolerance)
+    assert gpu_correct == pytest.approx(cpu_correct)
+    for name in cpu_grads:
+        np.testing.assert_allclose(gpu_backend.to_host(gpu_grads[name]), cpu_grads[name],
+                                   rtol=tolerance, atol=tolerance * 1e-2, err_msg=name)

@@ -159,3 +159,36 @@ def test_split_is_contiguous_balanced_and_complete(size, world_size):
     sizes = [len(p) for p, _ in parts]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     assert Sampler.split(indices, world_size - 1, world_size)[1] == parts[-1][1]
+
+
+def test_chars_are_next_character_windows_of_the_pydoc_text():
+    from orchestrator.engine.data import python_docs_text, unigram_cross_entropy
+
+    data = load_dataset("chars", context=16)
+    text = python_docs_text()
+    assert data.vocabulary == tuple(sorted(set(text))) and data.num_classes == len(data.vocabulary)
+    assert data.train_x.shape[1] == data.train_y.shape[1] == 16 and data.train_x.dtype == np.int32
+    decode = "".join
+    first = decode(data.vocabulary[i] for i in data.train_x[3])
+    assert first == text[3 * 8:3 * 8 + 16]                       # training windows start every context // 2
+    assert decode(data.vocabulary[i] for i in data.train_y[3]) == text[3 * 8 + 1:3 * 8 + 17]
+    held_out = text[int(len(text) * 0.9):]
+    assert decode(data.vocabulary[i] for i in data.test_x[1]) == held_out[16:32]
+    baseline = unigram_cross_entropy(data)
+    assert 2.5 < baseline < np.log(data.num_classes)               # better than uniform, far from 0
+
+
+def test_chars_from_a_text_file_and_their_errors(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("abcabcabd" * 20, encoding="utf-8")
+    data = load_dataset("chars", path=str(path), context=4, eval_fraction=0.25)
+    assert data.vocabulary == ("a", "b", "c", "d") and data.train_x.max() <= 3
+    with pytest.raises(DatasetError, match="not found"):
+        load_dataset("chars", path=str(tmp_path / "missing.txt"), context=4)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9" * 50)
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_dataset("chars", path=str(tmp_path / "latin1.txt"), context=4)
+    with pytest.raises(DatasetError, match="too few"):
+        load_dataset("chars", path=str(path), context=100)
+    with pytest.raises(DatasetError, match="context"):
+        load_dataset("chars", path=str(path), context=0)
