@@ -140,7 +140,10 @@ def _prepare_run_dir(cfg: JobConfig) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.cluster.recipe import check_data
+
     cfg = load_config(args.config, args.set or [])
+    check_data(cfg, args.config)  # bad data is bad input too: exit 2 before Ray starts or anything is written
     _prepare_run_dir(cfg)
     handlers = _setup_logging(cfg)
     try:

@@ -313,7 +313,7 @@ class ModelConfig(_Group):
 
     kind: ModelKind = _choice(ModelKind.MLP, "network family")
     hidden: list[Annotated[int, Field(**rules.WIDTH.limits())]] = _key(
-        [625, 625], "hidden layer widths (mlp only)")
+        [625, 625], "hidden layer widths (mlp only)", max_length=rules.MAX_LAYERS)
     activation: Activation = _choice(Activation.RELU, "hidden layer activation")
     keep_prob_input: float = _key(0.8, "dropout keep probability on the input", rules.PROBABILITY)
     keep_prob_hidden: float = _key(0.5, "dropout keep probability after each hidden layer", rules.PROBABILITY)
@@ -333,11 +333,23 @@ class DataConfig(_Group):
     num_classes: int = _key(10, "synthetic only: number of classes", rules.CLASSES)
     global_batch_size: int = _key(128, "examples per global step, split across workers", rules.BATCH)
 
+    @property
+    def known_train_examples(self) -> int | None:
+        """Training examples, where known without reading the data (None: mnist, counted before Ray starts)."""
+        return {Dataset.DIGITS: rules.DIGITS_TRAIN_EXAMPLES, Dataset.SYNTHETIC: self.num_examples}.get(self.dataset)
+
     @model_validator(mode="after")
-    def _needs_path(self):
+    def _combinations(self):
         if self.dataset is Dataset.MNIST and not self.path:
             raise Problem("dataset mnist needs data.path: the directory or URL of the IDX files",
                           key="path", at="dataset")
+        too_big = self.dataset is Dataset.SYNTHETIC and rules.synthetic_problem(self.num_examples, self.input_dim)
+        if too_big:
+            raise Problem(too_big, key="num_examples")
+        examples = self.known_train_examples
+        too_large = examples is not None and rules.batch_problem(self.global_batch_size, examples)
+        if too_large:
+            raise Problem(too_large, key="global_batch_size")
         return self
 
 
@@ -553,6 +565,14 @@ def schema_text() -> str:
 
 
 # ---------------------------------------------------------------------------- YAML -> located tree
+# Bounds on the YAML itself. A job config is a few hundred values in a few KiB; these stop,
+# with a located error, input that would exhaust memory or time before anything is checked:
+# a huge file, a "billion laughs" of nested aliases, nesting that overflows the composer's recursion.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_VALUES = 10_000
+
+
 @dataclass
 class _Tree:
     """Plain values composed from YAML, plus where each dotted key was written."""
@@ -560,6 +580,7 @@ class _Tree:
     values: dict
     locs: dict[str, _Loc]
     root: _Loc
+    count: int = 0  # values built so far, aliases expanded
 
     def at(self, key: str) -> _Loc:
         """Where ``key`` (or the closest enclosing key that was written) came from."""
@@ -571,6 +592,7 @@ class _Tree:
 
 def _compose(text: str, file: str) -> yaml.Node | None:
     try:
+        _check_nesting(text, file)
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -581,11 +603,32 @@ def _compose(text: str, file: str) -> yaml.Node | None:
         raise ConfigError(f"invalid YAML: {exc}", file) from None
 
 
-def _node_value(node: yaml.Node, key: str, tree: _Tree, loc: _Loc, environ, secret: bool = False) -> Any:
+def _check_nesting(text: str, file: str) -> None:
+    """Stop at the first mapping or list nested deeper than MAX_NESTING, reading events only
+    that far (the composer recurses once per level, and the scanner slows down with depth)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ConfigError(f"nested deeper than {MAX_NESTING} levels", file, event.start_mark.line + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _node_value(node: yaml.Node, key: str, tree: _Tree, loc: _Loc, environ, secret: bool = False,
+                depth: int = 0) -> Any:
     """Plain Python value of ``node``; mappings record each key's location in ``tree.locs``.
 
     Env references under a ``storage_options`` key (or anywhere when ``secret``) become Secrets.
+    An alias is expanded where it is used, so the values built are counted (and their depth
+    bounded, for an alias inside its own anchor): nested aliases cannot multiply without limit.
     """
+    tree.count += 1
+    if tree.count > MAX_VALUES:
+        raise loc.error(key or None, f"more than {MAX_VALUES} values (aliases expanding without limit?)")
+    if depth > MAX_NESTING:
+        raise loc.error(key or None, f"nested deeper than {MAX_NESTING} levels (an alias inside its own anchor?)")
     secret = secret or "storage_options" in key.split(".")
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
@@ -596,10 +639,10 @@ def _node_value(node: yaml.Node, key: str, tree: _Tree, loc: _Loc, environ, secr
             if name in out:
                 raise here.error(path, "duplicate key")
             tree.locs[path] = here
-            out[name] = _node_value(value_node, path, tree, here, environ, secret)
+            out[name] = _node_value(value_node, path, tree, here, environ, secret, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_node_value(item, key, tree, loc, environ, secret) for item in node.value]
+        return [_node_value(item, key, tree, loc, environ, secret, depth + 1) for item in node.value]
     value = _scalar(node, loc)
     return _resolve_env(value, loc, key, environ, secret) if isinstance(value, str) else value
 
@@ -613,15 +656,25 @@ def _scalar(node: yaml.Node, loc: _Loc) -> Any:
         raise loc.error(None, f"invalid value: {exc}") from None
 
 
-def _read_tree(path: str, environ) -> _Tree:
+def _read_text(path: str) -> str:
+    """The file's text, refused beyond MAX_CONFIG_BYTES without reading further."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("config file not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc}", path) from None
-    node = _compose(text, path)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a job config", path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config file: {exc}", path) from None
+
+
+def _read_tree(path: str, environ) -> _Tree:
+    node = _compose(_read_text(path), path)
     root = _Loc(path, 1)
     tree = _Tree({}, {}, root)
     if node is None:
@@ -672,6 +725,7 @@ def _relocate(tree: _Tree, key: str, loc: _Loc) -> None:
 
 
 # ---------------------------------------------------------------------------- pydantic errors -> ConfigError
+_TOO_LONG = "too_long"
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true/false)",
              "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
              "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys"}
@@ -714,6 +768,8 @@ def _describe(error: dict, loc: list, model: type[_Group]) -> tuple[str, list, l
         return _enum_message(_field_at(model, loc), value), loc, None
     if kind in _BOUND_ERRORS:
         return _bound_at(model, loc, Bound(**{_BOUND_ERRORS[kind]: ctx[_BOUND_ERRORS[kind]]})).problem(value), loc, None
+    if kind == _TOO_LONG:
+        return f"must have at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})", loc, None
     if kind == "finite_number":
         return f"must be a finite number (got {_show(value)})", loc, None
     if kind == "string_pattern_mismatch":

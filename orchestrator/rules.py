@@ -25,6 +25,8 @@ MAX_WIDTH = 65536               # features per example and units per hidden laye
 MAX_CLASSES = 65536
 MAX_WORKERS = 4096
 MAX_HOURS = 24 * 365 * 100.0    # keep_checkpoint_every_n_hours: a century
+MAX_LAYERS = 64                 # hidden layers
+MAX_SYNTHETIC_FLOATS = 1 << 28  # synthetic features held in memory: 1 GiB of float32
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,25 @@ WIDTH = Bound(ge=1, le=MAX_WIDTH)
 CLASSES = Bound(ge=2, le=MAX_CLASSES)
 BATCH = Bound(ge=1, le=MAX_EXAMPLES)
 PROBABILITY = Bound(gt=0, le=1)             # dropout keep probabilities
+# Training examples of the bundled digits (scikit-learn's 1797, less the stratified 20 % test split),
+# known without loading them; tests/engine/test_data.py checks it against load_digits().
+DIGITS_TRAIN_EXAMPLES = 1438
+
+
+def batch_problem(global_batch_size: int, examples: int) -> str | None:
+    """A global batch larger than the training set would hold one example twice in one step."""
+    if global_batch_size > examples:
+        return f"must be <= the {examples} training examples of the dataset (got {global_batch_size})"
+    return None
+
+
+def synthetic_problem(num_examples: int, input_dim: int) -> str | None:
+    """Synthetic features are generated in memory: num_examples (plus 20 % test) x input_dim float32."""
+    floats = (num_examples + max(1, num_examples // 5)) * input_dim
+    if floats > MAX_SYNTHETIC_FLOATS:
+        return (f"{num_examples} examples x {input_dim} features is {floats * 4 / 2**30:.1f} GiB of data; "
+                f"at most {MAX_SYNTHETIC_FLOATS * 4 >> 30} GiB is generated")
+    return None
 
 # ---------------------------------------------------------------------------- job and cluster
 STEPS = Bound(ge=1, le=MAX_STEPS)

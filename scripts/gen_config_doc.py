@@ -93,9 +93,10 @@ def rule_text(prop: dict) -> str:
     for option in _options(prop):
         limits = option.get("items", option)
         ends = {_ENDS[k]: v for k, v in limits.items() if k in _ENDS}
+        most = f"at most {option['maxItems']} items, " if "maxItems" in option else ""
         if ends:
             each = "each " if "items" in option else ""
-            return f"{each}must be {Bound(**ends).text}"
+            return f"{most}{each}must be {Bound(**ends).text}"
         if "pattern" in option:
             return f"must be {cfg._PATTERN_TEXT[option['pattern']]}"
     return ""

@@ -435,11 +435,11 @@ def test_preemption_notice_mid_run_exits_3_with_checkpoint(tmp_path):
 
 
 def test_failed_run_exits_1_with_one_line_error_and_summary(tmp_path):
-    proc = _train(tmp_path, "data.dataset=mnist", f"data.path={tmp_path / 'no-mnist-here'}",
-                  "fault_tolerance.max_failures=0")
+    # no step finishes within a microsecond: the first one counts as a worker failure, and none is allowed
+    proc = _train(tmp_path, "fault_tolerance.step_timeout_s=0.000001", "fault_tolerance.max_failures=0")
     assert proc.returncode == EXIT_FAILURE
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: job quickstart failed:") and "no-mnist-here" in last
+    assert last.startswith("error: job quickstart failed:") and "max_failures=0" in last, last
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps_completed"] == 0
     assert "Traceback" not in proc.stderr  # the console stays brief ...

@@ -368,3 +368,103 @@ def test_every_string_key_keeps_its_env_reference():
         for name, info in group.model_fields.items():
             if info.annotation in (str, typing.Optional[str]):
                 assert any(type(m).__name__ == "WrapValidator" for m in info.metadata), f"{group.__name__}.{name}"
+
+
+# ---------------------------------------------------------------------------- bounded input
+def _laughs(levels: int = 9) -> str:
+    """The "billion laughs": each level an anchor of nine aliases to the one before (9^9 strings).
+
+    Expanding l4 passes 10000 values (9 + 81 + 729 + 6561 + 59049): the error points there.
+    """
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" + ("  #<" if i == 4 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _deep_block(levels: int) -> str:
+    """Mappings nested ``levels`` deep; k31's value is the 33rd level (the top mapping is the 1st)."""
+    keys = "".join("  " * (i + 1) + f"k{i}:" + ("  #<" if i == 31 else "") + "\n" for i in range(levels))
+    return "data:\n" + keys + "  " * (levels + 1) + "v: 1\n"
+
+
+# (id, yaml text, overrides, expected message); the error's line is the one marked ``#<``.
+BOUNDED = [
+    ("billion-laughs", GOOD + _laughs(), [], "l4: more than 10000 values"),
+    ("alias-inside-its-anchor", GOOD + "loop: &loop [*loop]  #<\n", [], "nested deeper than 32 levels"),
+    ("deep-flow-nesting", GOOD + "deep: " + "[" * 20000 + "]" * 20000 + "  #<\n", [], "nested deeper than 32 levels"),
+    ("deep-block-nesting", GOOD + _deep_block(100), [], "nested deeper than 32 levels"),
+    ("learning-rate-inf", GOOD + "optimizer:\n  learning_rate: .inf  #<\n", [],
+     "optimizer.learning_rate: must be a finite number (got inf)"),
+    ("learning-rate-nan", GOOD + "optimizer:\n  learning_rate: .nan  #<\n", [], "must be a finite number (got nan)"),
+    ("absurd-steps", GOOD.replace("  steps: 50", "  steps: 1000000000000  #<"), [],
+     "train.steps: must be in [1, 1000000000] (got 1000000000000)"),
+    ("absurd-width", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 10000000]  #<"), [],
+     "model.hidden[1]: must be in [1, 65536]"),
+    ("absurd-synthetic-data", GOOD + "data:\n  dataset: synthetic\n  num_examples: 10000000  #<\n  input_dim: 4096\n",
+     [], "data.num_examples: 10000000 examples x 4096 features"),
+    ("batch-larger-than-digits", GOOD + "data:\n  global_batch_size: 5000  #<\n", [],
+     "data.global_batch_size: must be <= the 1438 training examples of the dataset (got 5000)"),
+    ("batch-larger-than-synthetic", GOOD + "data:\n  dataset: synthetic\n  num_examples: 100\n"
+     "  global_batch_size: 128  #<\n", [], "must be <= the 100 training examples"),
+]
+
+# Runs the CLI and reports its peak memory: RUSAGE_CHILDREN of this wrapper covers only that child.
+_MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], timeout=50).returncode; "
+             "print(f'maxrss_kib={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); sys.exit(code)")
+
+
+@pytest.mark.parametrize("case_id, text, overrides, expected", BOUNDED, ids=[c[0] for c in BOUNDED])
+def test_bounded_input_fails_fast_located_and_in_bounded_memory(tmp_path, case_id, text, overrides, expected):
+    path, line = _write_case(tmp_path, text)
+    assert path.stat().st_size < 50_000 or case_id.startswith("deep")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, sys.executable, "-m", "orchestrator.cli",
+                           "validate", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {path}:{line}:"), lines[0]
+    assert int(proc.stdout.split("maxrss_kib=")[1]) < 400 * 1024  # the config never grows to its expansion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_config_file_over_1_mib_is_refused_naming_the_file(tmp_path):
+    path, _ = _write_case(tmp_path, GOOD + "# padding to look like a config that is mostly comment\n" * 25_000)
+    assert path.stat().st_size > 1 << 20
+    proc = _run_cli("validate", str(path), cwd=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr == f"error: {path}: config file is larger than 1 MiB: not a job config\n"
+
+
+def _fake_mnist(directory: Path, train: int) -> None:
+    """The four IDX files of an MNIST-shaped dataset with ``train`` training examples."""
+    import struct
+
+    import numpy as np
+
+    directory.mkdir()
+    shapes = {"train-images-idx3-ubyte": (train, 28, 28), "train-labels-idx1-ubyte": (train,),
+              "t10k-images-idx3-ubyte": (4, 28, 28), "t10k-labels-idx1-ubyte": (4,)}
+    for name, shape in shapes.items():
+        header = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+        (directory / name).write_bytes(header + np.zeros(shape, np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("case", ["batch-larger-than-mnist", "mnist-files-missing"])
+def test_train_checks_the_data_before_ray_starts(tmp_path, case):
+    """mnist's size is known only from its files: `train` counts them before Ray starts (exit 2, nothing written)."""
+    data = tmp_path / "mnist"
+    _fake_mnist(data, train=6)
+    if case == "mnist-files-missing":
+        (data / "t10k-images-idx3-ubyte").unlink()
+    path, _ = _write_case(tmp_path, GOOD + f"data:\n  dataset: mnist\n  path: {data}\n  global_batch_size: 4\n")
+    sets = ["--set", "data.global_batch_size=128"] if case == "batch-larger-than-mnist" else []
+    assert _run_cli("validate", str(path), *sets, cwd=tmp_path).returncode == 0  # validate reads no data
+    proc = _run_cli("train", str(path), *sets, cwd=tmp_path, env={"RAY_ADDRESS": "local"})
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    expected = ("data.global_batch_size: must be <= the 6 training examples of the dataset (got 128)"
+                if case == "batch-larger-than-mnist" else "data.path: mnist: neither t10k-images-idx3-ubyte")
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "mnist"]  # no run dir, no checkpoint dir

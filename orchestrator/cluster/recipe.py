@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator import rules
 from orchestrator.checkpoint.manager import CheckpointManager
-from orchestrator.config import Dataset, JobConfig, ModelKind
+from orchestrator.config import ConfigError, Dataset, JobConfig, ModelKind
 from orchestrator.engine import data as data_lib
 from orchestrator.engine import models as models_lib
 from orchestrator.engine import optimizers as optimizers_lib
@@ -40,6 +41,24 @@ def load_data(config: JobConfig) -> "data_lib.Dataset":
                 "num_classes": cfg.num_classes, "seed": config.seed}
     return data_lib.load_dataset(cfg.dataset.value, path=cfg.path, storage_options=dict(cfg.storage_options),
                                  **opts)
+
+
+def check_data(config: JobConfig, source: str | None = None) -> None:
+    """Before Ray starts: the data the job names can be read and one global batch fits in it.
+
+    Digits and synthetic sizes were checked with the config; mnist is counted from its labels
+    file. Raises ConfigError naming the key (and ``source``, the config file).
+    """
+    data = config.data
+    if data.known_train_examples is not None:
+        return
+    try:
+        examples = data_lib.mnist_train_examples(data.path, dict(data.storage_options))
+    except (data_lib.DatasetError, OSError) as exc:
+        raise ConfigError(str(exc), source, key="data.path") from None
+    too_large = rules.batch_problem(data.global_batch_size, examples)
+    if too_large:
+        raise ConfigError(too_large, source, key="data.global_batch_size")
 
 
 def num_classes(config: JobConfig, dataset) -> int:

@@ -128,6 +128,9 @@ def make_synthetic(num_examples: int = 10000, input_dim: int = 784, num_classes:
     rules.EXAMPLES.check("synthetic num_examples", num_examples, DatasetError)
     rules.WIDTH.check("synthetic input_dim", input_dim, DatasetError)
     rules.CLASSES.check("synthetic num_classes", num_classes, DatasetError)
+    too_big = rules.synthetic_problem(num_examples, input_dim)
+    if too_big:
+        raise DatasetError(f"synthetic: {too_big}")
     num_test = max(1, num_examples // 5) if num_test is None else num_test
     generator = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, 0x5EED])))
     teacher = generator.standard_normal((input_dim, num_classes)).astype(np.float32)
@@ -205,6 +208,14 @@ def load_mnist(path: str, storage_options: Mapping[str, Any] | None = None) -> D
                    _images(arrays["test_x"]), arrays["test_y"].astype(np.int64))
 
 
+def mnist_train_examples(path: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """How many training examples ``load_mnist(path)`` holds, read from its labels file alone
+    (tens of KiB), after checking that all four files are there."""
+    storage, root = Storage.for_path(path, storage_options)
+    found = {key: _find_idx(storage, root, stem) for key, stem in MNIST_FILES.items()}
+    return len(read_idx(storage, found["train_y"]))
+
+
 def _find_idx(storage: Storage, root: str, stem: str) -> str:
     for name in (stem, stem + ".gz"):
         candidate = Storage.join(root, name)
@@ -256,6 +267,9 @@ class Sampler:
     def __init__(self, num_examples: int, global_batch_size: int, seed: int):
         rules.Bound(ge=1).check("num_examples", num_examples)
         rules.BATCH.check("global_batch_size", global_batch_size)
+        too_large = rules.batch_problem(global_batch_size, num_examples)
+        if too_large:
+            raise ValueError(f"global_batch_size: {too_large}")
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint.storage import Storage
+from orchestrator import rules
 from orchestrator.engine.data import (MNIST_FILES, DatasetError, Sampler, load_dataset, parse_idx,
                                       split_batch)
 
@@ -18,6 +19,7 @@ def test_digits_is_scaled_split_and_stratified():
     ds = load_dataset("digits")
     assert ds.train_x.dtype == np.float32 and ds.train_y.dtype == np.int64
     assert ds.train_x.shape == (1438, 64) and ds.test_x.shape == (359, 64) and ds.input_dim == 64
+    assert len(ds.train_y) == rules.DIGITS_TRAIN_EXAMPLES  # what the config checks global_batch_size against
     assert 0.0 <= ds.train_x.min() and ds.train_x.max() == 1.0
     assert np.bincount(ds.test_y).min() >= 35                      # every class ~20% in test
     again = load_dataset("digits")
@@ -143,6 +145,13 @@ def test_restored_state_continues_exactly():
     resumed.set_state(dict(probe.state()))
     for expected in batches[7:]:
         np.testing.assert_array_equal(resumed.next_batch(), expected)
+
+
+def test_a_batch_larger_than_the_dataset_is_rejected():
+    """The same rule, and words, as the job config's data.global_batch_size."""
+    Sampler(10, 10, seed=0)
+    with pytest.raises(ValueError, match=r"global_batch_size: must be <= the 10 training examples .*\(got 11\)"):
+        Sampler(10, 11, seed=0)
 
 
 def test_set_state_rejects_out_of_range_positions():
