@@ -46,12 +46,12 @@ def load_data(config: JobConfig) -> "data_lib.Dataset":
 def check_data(config: JobConfig, source: str | None = None) -> None:
     """Before Ray starts: the data the job names can be read and one global batch fits in it.
 
-    Digits and synthetic sizes were checked with the config; mnist is counted from its labels
-    file. Raises ConfigError naming the key (and ``source``, the config file).
+    Sizes known without reading data were checked with the config; mnist is counted from its
+    labels file. Raises ConfigError naming the key (and ``source``, the config file).
     """
     data = config.data
-    if data.known_train_examples is not None:
-        return
+    if data.known_train_examples is not None or data.dataset is not Dataset.MNIST:
+        return  # checked with the config, or known only once loaded
     try:
         examples = data_lib.mnist_train_examples(data.path, dict(data.storage_options))
     except (data_lib.DatasetError, OSError) as exc:
