@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import rules
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.engine.backend import Backend
 
@@ -96,8 +97,9 @@ def _validate(spec: ModelSpec) -> None:
         raise ModelSpecError(f"hidden sizes must be positive, got {list(spec.hidden)}")
     for name in ("keep_prob_input", "keep_prob_hidden"):
         value = getattr(spec, name)
-        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-            raise ModelSpecError(f"{name} must be in (0, 1], got {value!r}")
+        if not isinstance(value, (int, float)):
+            raise ModelSpecError(f"{name} must be a number, got {value!r}")
+        rules.PROBABILITY.check(name, value, ModelSpecError)
 
 
 def dense_name(index: int) -> str:
