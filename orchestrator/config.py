@@ -57,7 +57,7 @@ from orchestrator.rules import Bound
 __all__ = [
     "ConfigError", "EnvValue", "Secret", "redact", "load_config", "dump_config", "config_to_dict", "parse_options",
     "json_schema", "JobConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "WorkersConfig",
-    "ResourcesConfig", "CheckpointConfig", "FaultToleranceConfig", "ClusterConfig",
+    "ResourcesConfig", "CheckpointConfig", "FaultToleranceConfig", "PreemptionNoticesConfig", "ClusterConfig",
     "LoggingConfig", "Device", "ModelKind", "Activation", "Dataset", "OptimizerName",
     "BestMode", "LogLevel", "ProgressMode",
 ]
@@ -446,6 +446,23 @@ class CheckpointConfig(_Group):
         return self
 
 
+class PreemptionNoticesConfig(_Group):
+    """Which preemption notices end the job with an emergency checkpoint (exit 3) before the machine goes.
+    SIGTERM/SIGINT and `preemption_notice_file` are always on; each cloud source is opt-in."""
+
+    gce: bool = _key(False, "poll the GCE metadata server (instance/preempted, instance/maintenance-event)")
+    aws: bool = _key(False, "poll EC2 IMDSv2 spot/instance-action (session-token flow)")
+    azure: bool = _key(False, "poll Azure Scheduled Events for a Preempt or Terminate event of this VM")
+    kubernetes: bool = _key(False, "SIGTERM comes from Kubernetes: the deadline is kubernetes_grace_period_s after it")
+    ray_drain: bool = _key(True, "act on a Ray drain of a node hosting workers, by its deadline")
+    poll_interval_s: float = _key(1.0, "seconds between two polls of each metadata service", Bound(gt=0))
+    kubernetes_grace_period_s: float = _key(30.0, "the pod's terminationGracePeriodSeconds", Bound(gt=0))
+    gce_endpoint: Text = _key("http://metadata.google.internal/computeMetadata/v1", "GCE metadata base URL",
+                              pattern=_NOT_BLANK)
+    aws_endpoint: Text = _key("http://169.254.169.254", "EC2 instance metadata base URL", pattern=_NOT_BLANK)
+    azure_endpoint: Text = _key("http://169.254.169.254", "Azure instance metadata base URL", pattern=_NOT_BLANK)
+
+
 class FaultToleranceConfig(_Group):
     """How failures and preemption are handled."""
 
@@ -455,6 +472,7 @@ class FaultToleranceConfig(_Group):
     grace_period_s: float = _key(30.0, "time allowed for the emergency checkpoint on preemption", Bound(gt=0))
     preemption_notice_file: Optional[Text] = _key(None, "a file whose appearance announces preemption")
     min_workers_timeout_s: float = _key(60.0, "how long to wait for workers.min workers to be placed", Bound(ge=0))
+    preemption_notices: PreemptionNoticesConfig = Field(default_factory=PreemptionNoticesConfig)
 
 
 class ClusterConfig(_Group):

@@ -127,10 +127,18 @@ def _group_of(schema: dict, prop: dict) -> dict | None:
 
 
 def group_section(schema: dict, name: str, group: dict) -> list[str]:
+    """The group's table, then a section per group nested in it (e.g. fault_tolerance.preemption_notices)."""
     lines = [f"## `{name}`", "", " ".join(group.get("description", "").split()), "", TABLE_HEAD]
     required = set(group.get("required", []))
-    lines += [field_row(schema, f"{name}.{key}", prop, key in required) for key, prop in group["properties"].items()]
-    return lines + [""]
+    props = group["properties"].items()
+    lines += [field_row(schema, f"{name}.{key}", prop, key in required) for key, prop in props
+              if _group_of(schema, prop) is None]
+    lines.append("")
+    for key, prop in props:
+        nested = _group_of(schema, prop)
+        if nested is not None:
+            lines += group_section(schema, f"{name}.{key}", nested)
+    return lines
 
 
 def render(schema: dict | None = None) -> str:

@@ -4,7 +4,7 @@ It is a steppable state machine so the fault-tolerance supervisor can wrap it:
 
     coord = Coordinator(config, num_workers=M, reporter=r, resume="auto")
     coord.start()                        # CREATED -> READY: M actors, restore if asked
-    result = coord.run(stop_requested)   # READY -> FINISHED | PREEMPTED (or raises WorkerFailedError)
+    result = coord.run(stop_requested, deadline)  # READY -> FINISHED | PREEMPTED (or raises WorkerFailedError)
     coord.shutdown()                     # -> SHUT_DOWN, idempotent
 
 ``step_once()`` runs one global step; policies decide (``SavePolicy``, ``EvalPolicy``),
@@ -15,6 +15,10 @@ whole: the other shards' data files are removed, the previous checkpoint stays l
 training continues. Every wait on a worker has a timeout; a dead, failing or stuck
 worker surfaces as ``WorkerFailedError(rank, cause, step)``, after any in-flight save
 was abandoned (never half-committed).
+
+On preemption the emergency checkpoint is bounded by the notice's deadline
+(``emergency.plan_emergency``): the in-flight save is finished or abandoned by then, and
+the current step is saved only when a save fits in the time left.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from orchestrator.checkpoint.errors import CheckpointError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe
 from orchestrator.cluster.collectives import Collective, make_collective
+from orchestrator.cluster.emergency import MARGIN_S, Tier, plan_emergency
 from orchestrator.cluster.errors import CheckpointSaveError, RestoreError, WorkerFailedError
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
@@ -65,6 +70,7 @@ class JobResult:
     failures_recovered: int = 0
     preempted: bool = False
     last_checkpoint: str | None = None
+    emergency_tier: str | None = None  # preempted: where the current step went (storage, memory, none)
 
 
 @dataclasses.dataclass
@@ -142,6 +148,7 @@ class Coordinator:
         self.eval_metrics: dict[str, float] = {}
         self._in_flight: _InFlightSave | None = None
         self.committed_step: int | None = None
+        self.emergency_tier: Tier | None = None
         self._first_step = 0
         self._last_save_time = clock()
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
@@ -215,13 +222,17 @@ class Coordinator:
         log.info("restored %s at step %d into %d workers", prefix, self.global_step, self.num_workers)
 
     # ------------------------------------------------------------------ running
-    def run(self, stop_requested: Callable[[], bool] = lambda: False) -> JobResult:
-        """Train to ``train.steps``; on ``stop_requested()`` save, commit, and return preempted."""
+    def run(self, stop_requested: Callable[[], bool] = lambda: False,
+            deadline: Callable[[], float | None] = lambda: None) -> JobResult:
+        """Train to ``train.steps``; on ``stop_requested()`` write the emergency checkpoint that
+        fits before ``deadline()`` (``time.monotonic()`` seconds, None: no limit) and return preempted."""
         self._expect(CoordinatorState.READY)
         try:
             while self.global_step < self.config.train.steps:
                 if stop_requested():
-                    return self._stop(CoordinatorState.PREEMPTED)
+                    self._emergency_checkpoint(deadline())
+                    self.state = CoordinatorState.PREEMPTED
+                    return self.result()
                 self.step_once()
             self._final_eval()
             return self._stop(CoordinatorState.FINISHED)
@@ -273,13 +284,38 @@ class Coordinator:
         self.state = final
         return self.result()
 
+    def _emergency_checkpoint(self, deadline: float | None) -> None:
+        """Finish or abandon the in-flight save by ``deadline``, then save the current step in
+        the tier that fits the time left (``emergency.plan_emergency``)."""
+        self.finish_save(deadline)
+        if self.committed_step == self.global_step:
+            self.emergency_tier = Tier.STORAGE
+            log.warning("preempted at step %d: that step is committed already", self.global_step)
+            return
+        left = None if deadline is None else deadline - time.monotonic()
+        plan = plan_emergency(left, self._save_estimate())
+        self.emergency_tier = plan.tier
+        log.warning("preempted at step %d: emergency checkpoint tier %s (%s)", self.global_step,
+                    plan.tier.value, plan.reason)
+        if plan.tier is Tier.STORAGE:
+            self.save(synchronous=False)
+            self.finish_save(deadline)
+            if self.committed_step != self.global_step:
+                self.emergency_tier = Tier.NONE
+
+    def _save_estimate(self) -> float | None:
+        """Seconds a save took lately (the slowest of the last three committed), None before any."""
+        recent = [r.total_s for r in self.saves if r.committed][-3:]
+        return max(recent) if recent else None
+
     def result(self) -> JobResult:
         return JobResult(
             steps_completed=self.global_step,
             final_metrics={**self.metrics, **self.eval_metrics},
             checkpoints=list(self.manager.checkpoints),
             preempted=self.state == CoordinatorState.PREEMPTED,
-            last_checkpoint=self.manager.latest_checkpoint)
+            last_checkpoint=self.manager.latest_checkpoint,
+            emergency_tier=self.emergency_tier.value if self.emergency_tier else None)
 
     # ------------------------------------------------------------------ saving
     def save(self, synchronous: bool) -> SaveRecord:
@@ -311,20 +347,24 @@ class Coordinator:
         if len(ready) == len(self._in_flight.refs):
             self.finish_save()
 
-    def finish_save(self) -> None:
-        """Wait for every shard of the in-flight save (if any); commit it, or drop it whole."""
+    def finish_save(self, deadline: float | None = None) -> None:
+        """Wait for every shard of the in-flight save (if any), at most until ``deadline``
+        (``time.monotonic()`` seconds); commit it, or drop it whole."""
         pending, self._in_flight = self._in_flight, None
         if pending is None:
             return
-        results, failures = self._collect_shards(pending)
+        results, failures = self._collect_shards(pending, deadline)
         if failures:
             self._drop_save(pending, results, failures)
             return
         self._commit(pending, results)
 
-    def _collect_shards(self, pending: _InFlightSave) -> tuple[list, dict[int, str]]:
+    def _collect_shards(self, pending: _InFlightSave, until: float | None = None) -> tuple[list, dict[int, str]]:
         results, failures, blocked = [], {}, [0.0]
         deadline = time.monotonic() + self._save_timeout() + CONTROL_TIMEOUT_S  # shards write in parallel: one deadline
+        late = f"shard write did not finish within {self._save_timeout()} s"
+        if until is not None and until - MARGIN_S < deadline:
+            deadline, late = until - MARGIN_S, "shard write would not finish before the preemption deadline"
         for rank, ref in enumerate(pending.refs):
             try:
                 result, blocked_s = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
@@ -333,7 +373,7 @@ class Coordinator:
             except ray.exceptions.RayTaskError as exc:
                 failures[rank] = _task_cause(exc)
             except ray.exceptions.GetTimeoutError:
-                failures[rank] = f"shard write did not finish within {self._save_timeout()} s"
+                failures[rank] = late
             except ray.exceptions.RayError as exc:
                 self._in_flight = pending
                 raise WorkerFailedError(rank, f"died while saving: {exc}", pending.record.step) from exc

@@ -180,10 +180,16 @@ def probe_ray_capacity() -> list[NodeCapacity]:
 
 def draining_node_ids() -> set[str]:
     """Hex ids of the nodes Ray is draining; empty when the query is unavailable."""
+    return set(draining_nodes())
+
+
+def draining_nodes() -> dict[str, int]:
+    """Node hex id -> drain deadline (Unix milliseconds, 0 = none) of the nodes Ray is draining;
+    empty when the query is unavailable."""
     try:
         from ray._private import state as ray_state
 
-        return set(ray_state.state.get_draining_nodes())
+        return {str(k): int(v) for k, v in ray_state.state.get_draining_nodes().items()}
     except Exception as exc:  # Ray not connected, or no GCS draining query in this version
         logger.debug("could not query Ray draining nodes: %s", exc)
-        return set()
+        return {}

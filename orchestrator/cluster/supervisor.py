@@ -138,8 +138,7 @@ class Supervisor:
         self.failure_policy = failure_policy or FailurePolicy.from_config(ft)
         self.scaling_policy = scaling_policy or ScalingPolicy.from_config(config)
         self._coordinator = None
-        self.watcher = watcher or PreemptionWatcher(
-            notice_file=ft.preemption_notice_file, worker_node_ids=self._worker_node_ids)
+        self.watcher = watcher or PreemptionWatcher.from_config(ft, worker_node_ids=self._worker_node_ids)
         self._probe = probe
         self._factory = coordinator_factory
         self._clock = clock
@@ -194,7 +193,7 @@ class Supervisor:
         try:
             coord.start()
             first_step = coord.global_step
-            result = coord.run(stop_requested=self._stop_requested)
+            result = coord.run(stop_requested=self._stop_requested, deadline=self.watcher.deadline)
         except WorkerFailedError as error:
             progress = first_step is not None and coord.global_step > first_step
             return AttemptResult(Outcome.FAILED, num_workers,
@@ -314,12 +313,13 @@ class Supervisor:
                          last_checkpoint=latest)
 
     def _log_preemption_time(self) -> None:
-        at = self.watcher.requested_at
-        seconds = 0.0 if at is None else time.monotonic() - at
-        grace = float(self.config.fault_tolerance.grace_period_s)
-        log = logger.warning if seconds <= grace else logger.error
-        log("preempted (%s): checkpoint committed %.2fs after the notice "
-            "(fault_tolerance.grace_period_s=%g)", self.watcher.reason, seconds, grace)
+        at, deadline, now = self.watcher.requested_at, self.watcher.deadline(), time.monotonic()
+        seconds = 0.0 if at is None else now - at
+        left = None if deadline is None else deadline - now
+        log = logger.warning if left is None or left >= 0 else logger.error
+        log("preempted (%s): emergency checkpoint done %.2f s after the notice, %s", self.watcher.reason,
+            seconds, "no deadline" if left is None else f"{left:.2f} s before its deadline" if left >= 0
+            else f"{-left:.2f} s AFTER its deadline")
 
 
 def resolve_resume(config, resume: str) -> str:

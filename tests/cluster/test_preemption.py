@@ -5,6 +5,7 @@ The Ray drain source is tested on a multi-node cluster in test_node_loss.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from orchestrator.cluster.preemption import PreemptionWatcher
 from orchestrator.cluster.supervisor import Supervisor
 from orchestrator.config import load_config
 from orchestrator.exit_codes import EXIT_PREEMPTED
+from tests.cluster.fake_metadata import FakeMetadataServer
 from tests.cluster.test_supervisor import (
     REPO, STEP_LINE, Recorder, committed_steps, cli, ray_address, write_job)
 
@@ -130,6 +132,40 @@ def test_sigterm_to_driver_saves_exits_3_and_rerun_resumes(ray_session, tmp_path
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert int(STEP_LINE.search(rerun.stdout).group(1)) == last_printed + 1
     assert max(committed_steps(ckpt)) == steps
+
+
+@pytest.mark.parametrize("cloud, path, seconds", [
+    ("gce", "/computeMetadata/v1", 30),  # GCE's notice is always 30 s
+    ("aws", "", 20),                     # the fake's instance-action time
+    ("azure", "", 20),                   # the fake's NotBefore
+])
+def test_cloud_notice_checkpoints_and_exits_3_before_the_deadline(ray_session, tmp_path, cloud, path, seconds):
+    config = write_job(tmp_path, cloud, steps=400, address=f'"{ray_address(ray_session)}"')
+    ckpt = tmp_path / "ckpt"
+    with FakeMetadataServer() as fake:
+        notices = "fault_tolerance.preemption_notices"
+        driver = subprocess.Popen(
+            cli(config, "--set", f"{notices}.{cloud}=true", "--set", f"{notices}.{cloud}_endpoint={fake.url}{path}",
+                "--set", f"{notices}.poll_interval_s=0.2"),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            started = time.monotonic()
+            while not committed_steps(ckpt) and driver.poll() is None:
+                assert time.monotonic() - started < 120, "no checkpoint within 120 s"
+                time.sleep(0.02)
+            deadline = fake.preempt(cloud, seconds)
+            output, _ = driver.communicate(timeout=seconds + 30)
+            exited = time.time()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert driver.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert exited < deadline, f"exited {exited - deadline:.1f} s after the deadline"
+    assert f"preemption requested: {'GCE' if cloud == 'gce' else ''}" in output
+    last_printed = [int(m.group(1)) for m in STEP_LINE.finditer(output)][-1]
+    assert max(committed_steps(ckpt)) == last_printed < 400  # the emergency checkpoint of that step
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "preempted"
 
 
 def test_preemption_during_backoff_returns_without_restarting(ray_session, tmp_path):
