@@ -19,7 +19,10 @@ train`` in a subprocess joined to that cluster (M=2). One fault at a time:
 A fault is injected only after a checkpoint committed since the previous recovery, so
 the job always progresses. Recovery time is measured from the injection to the first
 completed step after the restore (the driver's ``recovered in`` line, or the first step
-line of a relaunched driver). Finally the job's last checkpoint is compared, tensor by
+line of a relaunched driver). Each recovery is broken down by kind of fault: detect
+(injection to the driver's ``failure #`` line), then the runtime's own replace, restore
+and first-step times, the steps lost and the tier restored from (parsed from the
+``recovered in`` line). Finally the job's last checkpoint is compared, tensor by
 tensor and bit for bit, with an uninterrupted run of the same config and M.
 
     python scripts/chaos.py --faults 5          # short (the default test suite runs this)
@@ -57,6 +60,11 @@ FAULT_KINDS = ("kill_worker", "remove_node", "sigterm_driver", "fail_shard_write
 WORKER_PROCESS_TITLE = b"ray::WorkerActor"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
 RECOVERED_LINE = re.compile(r"recovered in ")
+FAILURE_LINE = re.compile(r"failure #\d+: ")
+BREAKDOWN = re.compile(r"recovered in [\d.]+ s from (?P<tier>[\w ]+) \(detect (?P<detect>[\d.]+) s, "
+                       r"replace (?P<replace>[\d.]+) s, restore (?P<restore>[\d.]+) s, first step "
+                       r"(?P<first_step>[\d.]+) s; (?P<lost>\d+) steps? lost\)")
+PHASES = ("detect", "replace", "restore", "first_step")
 EXIT_PREEMPTED = 3
 
 
@@ -67,6 +75,9 @@ class FaultRecord:
     recovered: bool = False
     recovery_s: float | None = None
     detail: str = ""
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # detect, replace, restore, first_step
+    steps_lost: int | None = None
+    tier: str | None = None
 
 
 @dataclasses.dataclass
@@ -300,9 +311,18 @@ class Driver:
                          launch: int | None = None) -> float | None:
         """Time of the first line matching ``pattern`` printed after ``since`` (by the
         given launch of the driver, or any)."""
+        found = self.first_match_after(since, pattern, launch)
+        return None if found is None else found[0]
+
+    def first_match_after(self, since: float, pattern: re.Pattern,
+                          launch: int | None = None) -> tuple[float, re.Match] | None:
+        """(time, match) of the first line matching ``pattern`` printed after ``since``."""
         with self._lock:
-            return next((t for t, n, line in self.lines if t >= since and
-                         (launch is None or n == launch) and pattern.search(line)), None)
+            for t, n, line in self.lines:
+                match = pattern.search(line) if t >= since and (launch is None or n == launch) else None
+                if match:
+                    return t, match
+        return None
 
     def last_step(self) -> int:
         with self._lock:
@@ -523,6 +543,21 @@ def await_recovery(record: FaultRecord, driver: Driver, ckpt: CheckpointDir, inj
     seen = driver.first_line_after(injected, pattern, launch)
     record.recovered = seen is not None
     record.recovery_s = None if seen is None else seen - injected
+    if record.kind != "sigterm_driver":
+        _read_breakdown(record, driver, injected)
+
+
+def _read_breakdown(record: FaultRecord, driver: Driver, injected: float) -> None:
+    """Detect from the injection to the driver's failure line; the rest from its recovery line."""
+    failed = driver.first_line_after(injected, FAILURE_LINE)
+    found = driver.first_match_after(injected, BREAKDOWN)
+    if failed is None or found is None:
+        return
+    match = found[1]
+    record.phases = {"detect": failed - injected,
+                     **{p: float(match.group(p)) for p in PHASES if p != "detect"}}
+    record.steps_lost = int(match.group("lost"))
+    record.tier = match.group("tier").strip().replace(" ", "_")
 
 
 def chaos_run(cluster: ChaosCluster, config: Path, ckpt: CheckpointDir, log: Path, faults: int,
@@ -574,6 +609,33 @@ def _await_next_commit(driver: Driver, ckpt: CheckpointDir, timeout: float) -> b
 
 def _fmt(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.2f} s"
+
+
+def kind_table(result: ChaosResult) -> str:
+    """Recovery by kind of fault: median (and max) of the total and of each phase, steps lost, tiers."""
+    head = ("| fault kind | recovered | median (max) | detect | replace | restore | first step "
+            "| steps lost (median, max) | restored from |")
+    lines = [head, "|" + "---|" * 9]
+    for kind in FAULT_KINDS:
+        faults = [f for f in result.faults if f.kind == kind]
+        if faults:
+            lines.append("| " + " | ".join(_kind_row(kind, faults)) + " |")
+    return "\n".join(lines)
+
+
+def _kind_row(kind: str, faults: list[FaultRecord]) -> list[str]:
+    totals = [f.recovery_s for f in faults if f.recovery_s is not None]
+    phased = [f for f in faults if f.phases]
+    lost = [f.steps_lost for f in phased]
+    tiers: dict[str, int] = {}
+    for f in phased:
+        tiers[f.tier] = tiers.get(f.tier, 0) + 1
+    row = [kind, f"{sum(f.recovered for f in faults)}/{len(faults)}",
+           f"{_fmt(statistics.median(totals))} ({_fmt(max(totals))})" if totals else "-"]
+    row += [_fmt(statistics.median(f.phases[p] for f in phased)) if phased else "-" for p in PHASES]
+    row.append(f"{statistics.median(lost):g}, {max(lost)}" if lost else "-")
+    row.append(", ".join(f"{t} {n}" for t, n in sorted(tiers.items())) or "-")
+    return row
 
 
 def result_table(result: ChaosResult) -> str:
@@ -648,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     result = run_chaos(args.faults, steps, args.save_every, args.seed, work, args.timeout)
-    table = result_table(result)
+    table = result_table(result) + "\n\n" + kind_table(result)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -26,12 +26,14 @@ def _free_port() -> int:
 def ray_session():
     """One in-process local Ray for the whole test session.
 
-    Declares 8 logical CPUs so actors can be scheduled on a 2-core CI machine.
+    Declares 8 logical CPUs so actors can be scheduled on a 2-core CI machine, and exports
+    metrics every second (default 10 s) so a test can read them on the Prometheus endpoint.
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, namespace="orchestrator-tests")
+                 configure_logging=False, namespace="orchestrator-tests",
+                 _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@ import pytest
 from orchestrator.checkpoint.crc import masked_crc32c
 from orchestrator.monitor.events import EventFileWriter, encode_event, frame_record
 from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_progress, format_summary
+from orchestrator.monitor.recovery import RecoveryRecord
 from orchestrator.monitor.reporter import Reporter
 
 event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
@@ -179,8 +180,9 @@ def test_format_progress_fields():
 
 def test_summary_counts_failures_and_is_written(tmp_path):
     reporter, stream, _ = _run_reporter(tmp_path)
-    reporter.on_failure(RuntimeError("worker 1 died: ActorDiedError"))
-    reporter.on_recovery(2.5)
+    reporter.on_failure(RuntimeError("worker 1 died: ActorDiedError"), "worker_died")
+    reporter.on_recovery(RecoveryRecord("worker_died", "peer_memory", failed_step=27, restored_step=20,
+                                        detect_s=0.25, replace_s=1.5, restore_s=0.5, first_step_s=0.25))
 
     class Result:
         steps_completed, preempted, failures_recovered = 30, False, 1
@@ -193,13 +195,22 @@ def test_summary_counts_failures_and_is_written(tmp_path):
     assert (summary.status, summary.steps_completed, summary.failures, summary.failures_recovered) == (
         "completed", 30, 1, 1)
     text = stream.getvalue()
-    assert "failure #1: worker 1 died" in text and "recovered in 2.5 s" in text
+    assert "failure #1: worker 1 died" in text
+    assert ("recovered in 2.50 s from peer memory (detect 0.25 s, replace 1.50 s, restore 0.50 s, "
+            "first step 0.25 s; 7 steps lost)") in text
     assert "Run summary: demo (completed)" in text
     assert "checkpoints kept  2: ck/model.ckpt-20, ck/model.ckpt-30" in text
     assert "failures          1 (1 recovered, 2.5 s recovering)" in text
+    assert ("recovery          median 2.50 s (detect 0.25, replace 1.50, restore 0.50, first step 0.25); "
+            "7 steps lost; from peer_memory x1") in text
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["final_metrics"] == {"loss": 0.1, "accuracy": 0.97}
     assert written["last_checkpoint"] == "ck/model.ckpt-30"
+    [recovery] = written["recoveries"]
+    assert (recovery["tier"], recovery["steps_lost"], recovery["total_s"]) == ("peer_memory", 7, 2.5)
+    scalars = _scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["recovery/total_s"][-1][1] == pytest.approx(2.5)
+    assert scalars["recovery/steps_lost"][-1][1] == 7
 
 
 def test_events_after_close_are_dropped_quietly(tmp_path):
@@ -212,7 +223,7 @@ def test_events_after_close_are_dropped_quietly(tmp_path):
     reporter.on_checkpoint(31, 0.5, 1024)
     reporter.on_eval(31, {"loss": 0.02})
     reporter.on_failure("late failure")
-    reporter.on_recovery(1.0)
+    reporter.on_recovery(RecoveryRecord("worker_died", "storage", failed_step=31, restored_step=30))
     assert (stream.getvalue(), _scalars(tmp_path / "run" / "tensorboard")) == before
 
 
@@ -245,3 +256,28 @@ def test_every_displayed_line_also_goes_to_the_run_log(tmp_path, caplog):
     assert "eval at step 30: accuracy 0.9500, loss 0.2000" in logged
     assert "failure #1: worker rank 1 died" in logged
     assert logged[-1].startswith("Run summary: demo (")
+
+
+def test_recovery_metrics_reach_rays_prometheus_endpoint(ray_session, tmp_path):
+    import time
+    import urllib.request
+
+    reporter, _, _ = _run_reporter(tmp_path)
+    reporter.name = "metrics-probe"
+    reporter._ray_metrics.job = "metrics-probe"
+    reporter.on_failure("worker 1 died", "worker_died")
+    reporter.on_recovery(RecoveryRecord("worker_died", "peer_memory", failed_step=12, restored_step=10,
+                                        detect_s=0.05, replace_s=0.4, restore_s=0.02, first_step_s=0.1))
+    port = ray_session._private.worker._global_node.metrics_export_port
+    wanted = ('ray_orchestrator_recovery_seconds_count', 'ray_orchestrator_failures_total',
+              'ray_orchestrator_recovery_steps_lost_count')
+    deadline, found = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and len(found) < len(wanted):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        found = {line.split("{")[0]: line for line in text.splitlines()
+                 if 'job="metrics-probe"' in line and line.split("{")[0] in wanted}
+        time.sleep(0.2)
+    assert sorted(found) == sorted(wanted)
+    assert 'phase="total"' in text and 'tier="peer_memory"' in text
+    assert found["ray_orchestrator_failures_total"].endswith(" 1.0")
+    assert found["ray_orchestrator_recovery_steps_lost_count"].endswith(" 1.0")

@@ -151,6 +151,9 @@ class Coordinator:
         self.emergency_tier: Tier | None = None
         self._first_step = 0
         self._last_save_time = clock()
+        self.last_progress = clock()   # end of the last completed step (or of start-up)
+        self.workers_ready_at: float | None = None
+        self.ready_at: float | None = None
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
         self.eval_policy = EvalPolicy(config.train.eval_every_steps)
         self.manager = recipe.checkpoint_manager(config)
@@ -181,12 +184,14 @@ class Coordinator:
                         for rank in range(self.num_workers)]
         timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
         self.worker_info = self._get_all([w.info.remote() for w in self.workers], timeout, "starting")
+        self.workers_ready_at = self.clock()
         prefix = self.resume_prefix()
         if prefix is not None:
             self._restore(prefix)
         self.collective.attach(self.workers, timeout)
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
+        self.ready_at = self.last_progress = self.clock()
 
     def resume_prefix(self) -> str | None:
         """The checkpoint to restore from, per ``resume``: auto | never | <prefix or directory>."""
@@ -249,7 +254,8 @@ class Coordinator:
         by_ref = {ref.hex(): value for (_, ref), value in zip(handles.pending, values)}
         per_rank = [by_ref[ref.hex()] for ref in handles.metrics]  # the metrics refs are among pending
         self.global_step = step + 1
-        self.metrics = aggregate_metrics(per_rank, self.clock() - started)
+        self.last_progress = self.clock()
+        self.metrics = aggregate_metrics(per_rank, self.last_progress - started)
         self._report_step()
         self.poll_save()
         if self.eval_policy.due(self.global_step):
@@ -376,7 +382,8 @@ class Coordinator:
                 failures[rank] = late
             except ray.exceptions.RayError as exc:
                 self._in_flight = pending
-                raise WorkerFailedError(rank, f"died while saving: {exc}", pending.record.step) from exc
+                raise WorkerFailedError(rank, f"died while saving: {exc}", pending.record.step,
+                                        self._death_kind(rank)) from exc
         if pending.record.asynchronous:
             pending.record.stall_s += max(blocked)  # a worker waited for its snapshot before updating
         return results, failures
@@ -436,7 +443,8 @@ class Coordinator:
         for rank, ref in pending:
             if ref.hex() not in ready_ids:
                 raise WorkerFailedError(rank, f"no answer within {timeout:g} s while {doing} "
-                                              f"(fault_tolerance.step_timeout_s={self.step_timeout:g})", step)
+                                              f"(fault_tolerance.step_timeout_s={self.step_timeout:g})", step,
+                                        "worker_hung")
         return ray.get(refs, timeout=CONTROL_TIMEOUT_S)  # every ref succeeded on its own
 
     def _raise_if_failed(self, rank: int, ref: Any, step: int) -> None:
@@ -445,7 +453,17 @@ class Coordinator:
         except ray.exceptions.RayTaskError as exc:
             raise WorkerFailedError(rank, _task_cause(exc), step) from exc
         except ray.exceptions.RayError as exc:
-            raise WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step) from exc
+            raise WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step,
+                                    self._death_kind(rank)) from exc
+
+    def _death_kind(self, rank: int) -> str:
+        """``node_lost`` when the dead worker's node is gone too, else ``worker_died``."""
+        node = self.worker_info[rank]["node_id"] if rank < len(self.worker_info) else None
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # the GCS query is best effort; the failure itself is what matters
+            return "worker_died"
+        return "node_lost" if node is not None and node not in alive else "worker_died"
 
     def _get_all(self, refs: Sequence[Any], timeout: float, doing: str, step: int | None = None) -> list:
         """``ray.get`` of one ref per rank, failures mapped to ``WorkerFailedError``."""

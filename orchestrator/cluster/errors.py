@@ -15,16 +15,21 @@ class ClusterError(OrchestratorError):
 
 
 class WorkerFailedError(ClusterError):
-    """A worker died, raised, or did not finish a step within ``step_timeout_s``."""
+    """A worker died, raised, or did not finish a step within ``step_timeout_s``.
 
-    def __init__(self, rank: int, cause: str, step: int):
+    ``kind``: ``worker_died`` (its process is gone), ``node_lost`` (with its node),
+    ``worker_hung`` (no answer in time) or ``worker_error`` (it raised).
+    """
+
+    def __init__(self, rank: int, cause: str, step: int, kind: str = "worker_error"):
         super().__init__(f"worker rank {rank} failed at step {step}: {cause}")
         self.rank = rank
         self.cause = cause
         self.step = step
+        self.kind = kind
 
     def __reduce__(self):
-        return (type(self), (self.rank, self.cause, self.step))
+        return (type(self), (self.rank, self.cause, self.step, self.kind))
 
 
 class CheckpointSaveError(ClusterError):

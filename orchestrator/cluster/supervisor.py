@@ -14,9 +14,10 @@ checkpoint and trains. An attempt ends in one of four ways:
   decides RESTART (after a backoff) or RAISE. A restart resumes from the latest
   committed checkpoint, so the work lost is at most one checkpoint interval.
 
-Recovery time is measured from the moment the failure surfaced to the first step
-completed by the next attempt (``reporter.on_step``), and reported through
-``reporter.on_recovery``.
+Each recovery is timed phase by phase (``monitor.recovery.RecoveryRecord``: detect,
+replace, restore, first step; steps lost; the tier restored from) from the failed
+coordinator's last completed step to the first step the next attempt completes
+(``reporter.on_step``), and reported through ``reporter.on_recovery``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from orchestrator.cluster.failure_policy import DecisionKind, Failure, FailurePo
 from orchestrator.cluster.preemption import PreemptionWatcher
 from orchestrator.cluster.scaling_policy import (
     NodeCapacity, ScalingPolicy, probe_ray_capacity)
+from orchestrator.monitor.recovery import RecoveryRecord
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,32 @@ class AttemptResult:
     resize_to: int | None = None
 
 
+@dataclasses.dataclass
+class _Recovering:
+    """A recovery under way: the failure's facts, then the times of each phase's end."""
+
+    record: RecoveryRecord
+    last_progress: float     # the failed attempt's last completed step
+    failed_at: float         # when the failure surfaced
+    replaced_at: float | None = None
+    restored_at: float | None = None
+
+    def finish(self, now: float) -> RecoveryRecord:
+        record = self.record
+        record.detect_s = max(0.0, self.failed_at - self.last_progress)
+        record.replace_s = max(0.0, self.replaced_at - self.failed_at)
+        record.restore_s = max(0.0, self.restored_at - self.replaced_at)
+        record.first_step_s = max(0.0, now - self.restored_at)
+        return record
+
+
 class _AttemptTracker:
     """Reporter proxy: forwards every event and watches steps and checkpoints.
 
     It is how the Supervisor learns, without coordinator hooks, that a checkpoint
     boundary passed (``on_checkpoint``) and when the first step after a recovery
-    completed (the first ``on_step``; the coordinator reports every
-    ``train.log_every_steps``, so this is late by up to that many steps).
+    completed (the first ``on_step``: the coordinator always reports the first step of
+    an attempt).
     """
 
     def __init__(self, inner, clock: Callable[[], float]):
@@ -71,20 +92,39 @@ class _AttemptTracker:
         self._clock = clock
         self.checkpoint_boundary = False
         self.committed_steps: list[int] = []
-        self.recovering_since: float | None = None
-        self.recovery_seconds: list[float] = []
+        self.recovering: _Recovering | None = None
+        self.recoveries: list[RecoveryRecord] = []
 
     def new_attempt(self) -> None:
         self.checkpoint_boundary = False
 
+    def failed(self, error: WorkerFailedError, coord) -> None:
+        """A coordinator attempt failed: start timing the recovery (a failure while recovering
+        from an earlier one extends that recovery)."""
+        if self.recovering is not None:
+            self.recovering.replaced_at = self.recovering.restored_at = None
+            return
+        record = RecoveryRecord(kind=error.kind, tier="storage", failed_step=coord.global_step,
+                                restored_step=coord.global_step, rank=error.rank)
+        self.recovering = _Recovering(record, coord.last_progress, self._clock())
+
+    def restarted(self, coord) -> None:
+        """The next attempt's coordinator is ready: workers up, state restored."""
+        if self.recovering is not None:
+            self.recovering.replaced_at = coord.workers_ready_at
+            self.recovering.restored_at = coord.ready_at
+            self.recovering.record.restored_step = coord.global_step
+            self.recovering.record.workers_replaced = len(coord.workers)
+            self.recovering.record.tier = "storage" if coord.restored_from else "none"
+
     def on_step(self, step, metrics=None, *args, **kwargs):
-        if self.recovering_since is not None:
-            seconds = self._clock() - self.recovering_since
-            self.recovering_since = None
-            self.recovery_seconds.append(seconds)
-            logger.warning("recovered: step %s completed %.2fs after the failure", step,
-                           seconds)
-            self._forward("on_recovery", seconds)
+        recovering = self.recovering
+        if recovering is not None and recovering.restored_at is not None:
+            self.recovering = None
+            record = recovering.finish(self._clock())
+            self.recoveries.append(record)
+            logger.warning("recovered: step %s completed; %s", step, record.describe())
+            self._forward("on_recovery", record)
         return self._forward("on_step", step, metrics, *args, **kwargs)
 
     def on_checkpoint(self, step, *args, **kwargs):
@@ -92,10 +132,10 @@ class _AttemptTracker:
         self.checkpoint_boundary = True
         return self._forward("on_checkpoint", step, *args, **kwargs)
 
-    def on_failure(self, cause):
-        return self._forward("on_failure", cause)
+    def on_failure(self, cause, kind="worker_error"):
+        return self._forward("on_failure", cause, kind)
 
-    def on_recovery(self, seconds):  # the Supervisor measures recovery itself
+    def on_recovery(self, record):  # the Supervisor measures recovery itself
         return None
 
     def _forward(self, name: str, *args, **kwargs):
@@ -158,7 +198,12 @@ class Supervisor:
     @property
     def recovery_seconds(self) -> list[float]:
         """Fault-to-first-step durations of every recovery so far."""
-        return list(self.tracker.recovery_seconds)
+        return [r.total_s for r in self.tracker.recoveries]
+
+    @property
+    def recoveries(self) -> list[RecoveryRecord]:
+        """Every recovery so far, timed phase by phase."""
+        return list(self.tracker.recoveries)
 
     def run(self):
         """Trains to ``train.steps`` or preemption; returns the coordinator's JobResult
@@ -192,10 +237,12 @@ class Supervisor:
         first_step = None
         try:
             coord.start()
+            self.tracker.restarted(coord)
             first_step = coord.global_step
             result = coord.run(stop_requested=self._stop_requested, deadline=self.watcher.deadline)
         except WorkerFailedError as error:
             progress = first_step is not None and coord.global_step > first_step
+            self.tracker.failed(error, coord)
             return AttemptResult(Outcome.FAILED, num_workers,
                                  failure=self._failure(error, progress))
         finally:
@@ -238,12 +285,11 @@ class Supervisor:
     # -- failures ----------------------------------------------------------------
 
     def _failure(self, error: WorkerFailedError, made_progress: bool) -> Failure:
-        self.tracker.recovering_since = self._clock()
         failure = Failure(cause=error.cause, rank=error.rank, step=error.step,
                           made_progress=made_progress)
-        logger.error("worker rank %s failed at step %s: %s", error.rank, error.step,
-                     error.cause)
-        self.tracker.on_failure(str(error))
+        logger.error("worker rank %s failed at step %s (%s): %s", error.rank, error.step,
+                     error.kind, error.cause)
+        self.tracker.on_failure(str(error), error.kind)
         return failure
 
     def _handle_failure(self, failure: Failure) -> None:

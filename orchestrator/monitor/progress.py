@@ -8,6 +8,7 @@ line every ``log_every_steps``, because carriage returns make unreadable logs.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -44,6 +45,8 @@ class RunSummary:
     failures: int = 0
     failures_recovered: int = 0
     recovery_time_s: float = 0.0
+    recoveries: list[dict] = field(default_factory=list)  # RecoveryRecord.to_dict() of each, in order
+    emergency_tier: str | None = None  # preempted: where the emergency checkpoint went
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +92,25 @@ def format_summary(s: RunSummary) -> str:
         f"  last checkpoint   {s.last_checkpoint or 'none'}",
         f"  failures          {failures}",
     ]
+    if s.recoveries:
+        lines.append(f"  recovery          {_recovery_line(s.recoveries)}")
+    if s.emergency_tier:
+        lines.append(f"  preemption        emergency checkpoint tier: {s.emergency_tier}")
     return "\n".join(lines)
+
+
+def _recovery_line(recoveries: list[dict]) -> str:
+    """Medians per phase, steps lost and the tiers the state came from."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in recoveries)
+
+    tiers: dict[str, int] = {}
+    for r in recoveries:
+        tiers[r["tier"]] = tiers.get(r["tier"], 0) + 1
+    phases = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {median(k):.2f}"
+                       for k in ("detect_s", "replace_s", "restore_s", "first_step_s"))
+    return (f"median {median('total_s'):.2f} s ({phases}); {sum(r['steps_lost'] for r in recoveries)} steps "
+            f"lost; from {', '.join(f'{t} x{n}' for t, n in sorted(tiers.items()))}")
 
 
 class ProgressDisplay:

@@ -1,8 +1,9 @@
 """The hooks the runtime calls while a job runs.
 
 ``Reporter`` turns runtime events into what the operator sees (``ProgressDisplay``),
-TensorBoard scalars (``EventFileWriter`` under ``<run_dir>/tensorboard``) and, on
-``close``, the ``RunSummary`` (printed and written to ``<run_dir>/summary.json``).
+TensorBoard scalars (``EventFileWriter`` under ``<run_dir>/tensorboard``), Ray metrics
+for failures and recoveries (``RayRecoveryMetrics``, when Ray runs) and, on ``close``,
+the ``RunSummary`` (printed and written to ``<run_dir>/summary.json``).
 Every line the operator sees (progress every ``log_every_steps``, eval, checkpoint,
 failure, recovery, the summary) also goes to the ``orchestrator.run`` logger, which the
 CLI writes to ``<run_dir>/train.log`` but not to the console (the display already did).
@@ -25,6 +26,8 @@ from typing import Any, Callable, Mapping, TextIO
 from orchestrator.config import JobConfig, redact
 from orchestrator.monitor.events import EventFileWriter
 from orchestrator.monitor.progress import ProgressDisplay, ProgressState, RunSummary, format_progress, format_summary
+from orchestrator.monitor.ray_metrics import RayRecoveryMetrics
+from orchestrator.monitor.recovery import PHASES, RecoveryRecord
 from orchestrator.units import human_bytes
 
 logger = logging.getLogger(__name__)
@@ -68,8 +71,8 @@ class Reporter:
         self._last_step: tuple[int, float] | None = None
         self._metrics: dict[str, float] = {}
         self._failures = 0
-        self._recovered = 0
-        self._recovery_s = 0.0
+        self._recoveries: list[RecoveryRecord] = []
+        self._ray_metrics = RayRecoveryMetrics(self.name)
         self._summary: RunSummary | None = None
 
     @classmethod
@@ -117,17 +120,21 @@ class Reporter:
         self._say(f"checkpoint at step {step} saved in {seconds:.2f} s ({human_bytes(nbytes)})")
 
     @_dropped_after_close
-    def on_failure(self, cause: Any) -> None:
+    def on_failure(self, cause: Any, kind: str = "worker_error") -> None:
         """A worker or step failed; ``cause`` is an exception or a message."""
         self._failures += 1
+        self._ray_metrics.failure(kind)
         self._say(redact(f"failure #{self._failures}: {cause}"))
 
     @_dropped_after_close
-    def on_recovery(self, seconds: float) -> None:
-        """Training resumed ``seconds`` after the last failure."""
-        self._recovered += 1
-        self._recovery_s += float(seconds)
-        self._say(f"recovered in {seconds:.1f} s; training continues")
+    def on_recovery(self, record: RecoveryRecord) -> None:
+        """Training resumed after the last failure; ``record`` times each phase."""
+        self._recoveries.append(record)
+        step = self._state.step
+        self._write_scalars(step, {f"recovery/{p}": getattr(record, p) for p in PHASES}
+                            | {"recovery/total_s": record.total_s, "recovery/steps_lost": record.steps_lost})
+        self._ray_metrics.recovery(record)
+        self._say(f"recovered in {record.describe()}; training continues")
 
     # ------------------------------------------------------------------ end
     def close(self, result: Any = None, status: str | None = None) -> RunSummary:
@@ -176,8 +183,10 @@ class Reporter:
             checkpoints_kept=[str(p) for p in (getattr(result, "checkpoints", None) or [])],
             last_checkpoint=getattr(result, "last_checkpoint", None),
             failures=self._failures,
-            failures_recovered=int(getattr(result, "failures_recovered", self._recovered)),
-            recovery_time_s=self._recovery_s,
+            failures_recovered=int(getattr(result, "failures_recovered", len(self._recoveries))),
+            recovery_time_s=sum(r.total_s for r in self._recoveries),
+            recoveries=[r.to_dict() for r in self._recoveries],
+            emergency_tier=getattr(result, "emergency_tier", None) if preempted else None,
         )
 
     def _write_summary(self, summary: RunSummary) -> None:

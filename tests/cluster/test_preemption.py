@@ -175,7 +175,7 @@ def test_preemption_during_backoff_returns_without_restarting(ray_session, tmp_p
     recorder = Recorder()
     supervisor = Supervisor(config, recorder)
     recorder.actions = {13: lambda: os.kill(_pid_of_rank(supervisor, 0), signal.SIGKILL)}
-    recorder.on_failure = lambda cause: supervisor.watcher.request("test: notice in backoff")
+    recorder.on_failure = lambda cause, kind=None: supervisor.watcher.request("test: notice in backoff")
 
     started = time.monotonic()
     result = supervisor.run()

@@ -58,7 +58,7 @@ class Recorder:
         self.steps: list[int] = []
         self.checkpoints: list[int] = []
         self.failures: list[str] = []
-        self.recoveries: list[float] = []
+        self.recoveries: list = []
         self.actions: dict[int, callable] = {}
 
     def on_step(self, step, metrics):
@@ -70,11 +70,11 @@ class Recorder:
     def on_checkpoint(self, step, seconds, nbytes):
         self.checkpoints.append(step)
 
-    def on_failure(self, cause):
+    def on_failure(self, cause, kind=None):
         self.failures.append(str(cause))
 
-    def on_recovery(self, seconds):
-        self.recoveries.append(seconds)
+    def on_recovery(self, record):
+        self.recoveries.append(record)
 
 
 def worker_pids(supervisor: Supervisor) -> list[int]:
@@ -131,7 +131,7 @@ def test_killed_worker_is_replaced_and_training_continues(ray_session, reference
     restored = first_after - 1
     assert restored == 20 and last_before - restored <= SAVE_EVERY  # lost <= one interval
     assert len(recorder.failures) == 1 and "rank 1" in recorder.failures[0]
-    assert len(recorder.recoveries) == 1 and recorder.recoveries[0] > 0
+    assert len(recorder.recoveries) == 1 and recorder.recoveries[0].total_s > 0
     assert read_all(result.last_checkpoint) == read_all(reference[1])  # bit-identical
 
 
