@@ -18,7 +18,8 @@ import sys
 from typing import Any, Sequence
 
 from orchestrator import __version__
-from orchestrator.config import ConfigError, JobConfig, dump_config, load_config, parse_options, redact
+from orchestrator.config import (ConfigError, JobConfig, dump_config, error_at, load_config, parse_options,
+                                 redact)
 from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from orchestrator.units import human_bytes
 
@@ -43,16 +44,40 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _describe_job(cfg: JobConfig) -> str:
     model = cfg.model.kind.value
-    if cfg.model.kind.value == "mlp":
+    if cfg.model.factory:
+        model = f"plug-in {cfg.model.factory}"
+    elif cfg.model.kind.value == "mlp":
         model += " " + "-".join(str(h) for h in cfg.model.hidden)
+    data = cfg.data.dataset.value
+    if cfg.data.factory:
+        data = f"plug-in {cfg.data.factory}"
+    elif cfg.data.format:
+        data = f"{cfg.data.format.value} {cfg.data.path}"
     workers = str(cfg.workers.min) if cfg.workers.min == cfg.workers.max else f"{cfg.workers.min}-{cfg.workers.max}"
-    return (f"{cfg.name}: {model} on {cfg.data.dataset.value}, {workers} worker(s), {cfg.train.steps} steps, "
+    return (f"{cfg.name}: {model} on {data}, {workers} worker(s), {cfg.train.steps} steps, "
             f"device {cfg.device.value}, checkpoints -> {cfg.checkpoint.dir}")
 
 
 # ---------------------------------------------------------------------------- validate / train
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_checked(args: argparse.Namespace, run_checks: Callable[[JobConfig], Any]) -> tuple[JobConfig, Any]:
+    """The config, and what ``run_checks`` (plug-ins, data) returned; their errors become
+    ConfigErrors located at the key at fault (exit 2)."""
+    from orchestrator.cluster.errors import ClusterSetupError
+    from orchestrator.engine.data import DatasetError
+    from orchestrator.engine.protocol import PluginError
+
     cfg = load_config(args.config, args.set or [])
+    try:
+        return cfg, run_checks(cfg)
+    except (PluginError, DatasetError, ClusterSetupError) as exc:
+        key = getattr(exc, "key", None) or ("data.path" if isinstance(exc, DatasetError) else "code.paths")
+        raise error_at(args.config, args.set or [], key, str(exc)) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.cluster.preflight import import_factories
+
+    cfg, _ = _load_checked(args, import_factories)
     print(f"OK: {_describe_job(cfg)}")
     if args.show:
         print(dump_config(cfg), end="")
@@ -140,28 +165,32 @@ def _prepare_run_dir(cfg: JobConfig) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.cluster.preflight import preflight
     from orchestrator.cluster.recipe import check_data
 
-    cfg = load_config(args.config, args.set or [])
-    check_data(cfg, args.config)  # bad data is bad input too: exit 2 before Ray starts or anything is written
+    def checks(cfg: JobConfig) -> Any:
+        check_data(cfg, args.config)  # mnist counted without loading it
+        return preflight(cfg)         # plug-ins and data: bad input too, exit 2 before anything starts
+
+    cfg, prepared = _load_checked(args, checks)
     _prepare_run_dir(cfg)
     handlers = _setup_logging(cfg)
     try:
-        return _run(cfg)
+        return _run(cfg, prepared.dataset)
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
-def _run(cfg: JobConfig) -> int:
+def _run(cfg: JobConfig, dataset: Any = None) -> int:
     from orchestrator.cluster.job import run_job
     from orchestrator.monitor.reporter import Reporter
 
     logger.info("starting %s", _describe_job(cfg))
     reporter = Reporter.from_config(cfg)
     try:
-        result = run_job(cfg, reporter=reporter)
+        result = run_job(cfg, reporter=reporter, dataset=dataset)
     except KeyboardInterrupt:
         reporter.close(status="interrupted")
         _error("interrupted")
@@ -177,6 +206,29 @@ def _run(cfg: JobConfig) -> int:
         saved = f"checkpoint {result.last_checkpoint} saved" if result.last_checkpoint else "no checkpoint yet"
         logger.warning("preempted (%s): run the same command to resume", saved)
         return EXIT_PREEMPTED
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- check-model
+CHECK_EXAMPLES = 8
+
+
+def cmd_check_model(args: argparse.Namespace) -> int:
+    from orchestrator.cluster.preflight import build_on_cpu
+    from orchestrator.engine.gradcheck import run_checks
+
+    cfg, (model, dataset) = _load_checked(args, build_on_cpu)
+    count = min(args.examples, len(dataset.train_y))
+    if count < 2:
+        raise _BadInput(f"check-model needs at least 2 training examples, the data has {count}")
+    print(f"checking {_describe_job(cfg).split(', ')[0]} on {count} examples")
+    results = run_checks(model, dataset.train_x[:count], dataset.train_y[:count], int(cfg.seed))
+    for result in results:
+        print(result.line())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        raise _BadInput(f"check-model: {len(failed)} check(s) failed: {', '.join(failed)}")
+    print(f"OK: {len(results)} checks passed")
     return EXIT_OK
 
 
@@ -311,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the JSON Schema job YAML files are checked against "
                                    "(the same as docs/job.schema.json; see docs/config.md for the editor hint).")
     p.set_defaults(handler=cmd_schema)
+
+    p = sub.add_parser("check-model", help="check a model's gradients and protocol on a few examples",
+                       description="Build the job's model (built-in or plug-in) on its data and check, one line "
+                                   "each: grad names/shapes/dtypes, determinism for a (seed, step, offset), "
+                                   "split batch == full batch, finite-difference gradients (float64), evaluate. "
+                                   "Exit 0 when all pass, 2 naming the failures.")
+    _add_config_args(p)
+    p.add_argument("--examples", type=int, default=CHECK_EXAMPLES, metavar="N",
+                   help=f"batch size of the checks (default {CHECK_EXAMPLES})")
+    p.set_defaults(handler=cmd_check_model)
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint",
                        description="List a checkpoint's tensors (name, dtype, shape, size, shard), "

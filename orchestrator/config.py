@@ -58,7 +58,8 @@ __all__ = [
     "ConfigError", "EnvValue", "Secret", "redact", "load_config", "dump_config", "config_to_dict", "parse_options",
     "json_schema", "JobConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "WorkersConfig",
     "ResourcesConfig", "CheckpointConfig", "FaultToleranceConfig", "PreemptionNoticesConfig", "ClusterConfig",
-    "LoggingConfig", "Device", "ModelKind", "Activation", "Dataset", "OptimizerName",
+    "LoggingConfig", "CodeConfig", "DataFormat", "error_at", "Device", "ModelKind", "Activation", "Dataset",
+    "OptimizerName",
     "BestMode", "LogLevel", "ProgressMode",
 ]
 
@@ -201,6 +202,13 @@ class Dataset(str, enum.Enum):
     SYNTHETIC = "synthetic"
 
 
+class DataFormat(str, enum.Enum):
+    NPZ = "npz"
+    NPY = "npy"
+    PARQUET = "parquet"
+    CSV = "csv"
+
+
 class OptimizerName(str, enum.Enum):
     SGD = "sgd"
     MOMENTUM = "momentum"
@@ -239,7 +247,8 @@ Text = Annotated[str, WrapValidator(_keep_reference)]
 # Patterns and what "must be ..." says when a value does not match one.
 _NAME = r"^(?!\.\.?$)[^/]*[^/\s][^/]*$"
 _NOT_BLANK = r"\S"
-_PATTERN_TEXT = {_NAME: "a name without '/' (not blank, '.' or '..')", _NOT_BLANK: "a non-blank string"}
+_PATTERN_TEXT = {_NAME: "a name without '/' (not blank, '.' or '..')", _NOT_BLANK: "a non-blank string",
+                 rules.FACTORY: rules.FACTORY_TEXT}
 
 
 def _key(default: Any = ..., doc: str = "", bound: Bound | None = None, **kwargs: Any) -> Any:
@@ -317,6 +326,10 @@ class ModelConfig(_Group):
     activation: Activation = _choice(Activation.RELU, "hidden layer activation")
     keep_prob_input: float = _key(0.8, "dropout keep probability on the input", rules.PROBABILITY)
     keep_prob_hidden: float = _key(0.5, "dropout keep probability after each hidden layer", rules.PROBABILITY)
+    factory: Optional[Text] = _key(
+        None, "plug-in model 'module:callable', called as build(*, input_shape, num_classes, backend, seed, "
+              "**args); replaces kind and the keys above (docs/plugins.md)", pattern=rules.FACTORY)
+    args: dict[str, Any] = _key({}, "keyword arguments for model.factory")
 
 
 class DataConfig(_Group):
@@ -326,20 +339,54 @@ class DataConfig(_Group):
         _schema_if({"dataset": {"const": "mnist"}}, {"path": {"type": "string", "minLength": 1}})]})
 
     dataset: Dataset = _choice(Dataset.DIGITS, "dataset: digits (bundled), mnist (IDX files), synthetic")
-    path: Optional[Text] = _key(None, "mnist: directory or URL holding the IDX files (required for mnist)")
+    format: Optional[DataFormat] = _choice(
+        None, "data from files: npz, npy, parquet or csv at `path` (replaces dataset; docs/plugins.md)")
+    path: Optional[Text] = _key(None, "mnist or files: local path or fsspec URL (a directory of shard files for "
+                                      "sharded parquet/npz)")
+    features: Optional[Union[Text, list[Text]]] = _key(
+        None, "files: the npz/npy key of the features, or the parquet/csv column(s) (null = x, or every "
+              "column but `labels`)")
+    labels: Optional[Text] = _key(None, "files: the npz/npy key or the parquet/csv column of the labels (null = y)")
+    eval_path: Optional[Text] = _key(None, "files: the evaluation set, same format as `path`")
+    eval_fraction: Optional[float] = _key(
+        None, "files: hold out this fraction of `path` for evaluation (a fixed seeded split)", rules.FRACTION)
+    factory: Optional[Text] = _key(
+        None, "plug-in data 'module:callable', called as load(*, seed, **args) -> "
+              "(train_x, train_y, eval_x, eval_y)", pattern=rules.FACTORY)
+    args: dict[str, Any] = _key({}, "keyword arguments for data.factory")
     storage_options: dict[str, Any] = _key({}, "fsspec options for `path` (may hold ${VAR} references)")
     num_examples: int = _key(10000, "synthetic only: number of training examples", rules.EXAMPLES)
     input_dim: int = _key(784, "synthetic only: features per example", rules.WIDTH)
-    num_classes: int = _key(10, "synthetic only: number of classes", rules.CLASSES)
+    num_classes: Optional[int] = _key(
+        None, "number of classes; labels must lie in [0, num_classes) (null: 10 for synthetic, else the "
+              "largest label + 1)", rules.CLASSES)
     global_batch_size: int = _key(128, "examples per global step, split across workers", rules.BATCH)
 
     @property
+    def from_user(self) -> bool:
+        """True when the data comes from files or a data factory (``dataset`` is not used)."""
+        return bool(self.format or self.factory)
+
+    @property
     def known_train_examples(self) -> int | None:
-        """Training examples, where known without reading the data (None: mnist, counted before Ray starts)."""
+        """Training examples, where known without reading the data (None: mnist, counted before Ray
+        starts; files and factories, counted once read)."""
+        if self.from_user:
+            return None
         return {Dataset.DIGITS: rules.DIGITS_TRAIN_EXAMPLES, Dataset.SYNTHETIC: self.num_examples}.get(self.dataset)
 
     @model_validator(mode="after")
     def _combinations(self):
+        if self.factory and self.format:
+            raise Problem("data.factory and data.format exclude each other: a factory returns arrays, "
+                          "a format reads files", key="format")
+        if self.format and not self.path:
+            raise Problem(f"format {self.format.value} needs data.path: the file, directory or URL to read",
+                          key="path", at="format")
+        if self.eval_path and self.eval_fraction is not None:
+            raise Problem("give data.eval_path or data.eval_fraction, not both", key="eval_fraction")
+        if self.from_user:
+            return self  # sizes are known once the data is read (preflight)
         if self.dataset is Dataset.MNIST and not self.path:
             raise Problem("dataset mnist needs data.path: the directory or URL of the IDX files",
                           key="path", at="dataset")
@@ -363,6 +410,10 @@ class OptimizerConfig(_Group):
     beta1: float = _key(0.9, "adam first-moment decay", rules.DECAY)
     beta2: float = _key(0.999, "adam second-moment decay", rules.DECAY)
     epsilon: float = _key(1.0e-10, "numerical stabiliser", rules.EPSILON)
+    factory: Optional[Text] = _key(
+        None, "plug-in optimizer 'module:callable', called as build(*, learning_rate, **args); replaces name",
+        pattern=rules.FACTORY)
+    args: dict[str, Any] = _key({}, "keyword arguments for optimizer.factory")
 
 
 class TrainConfig(_Group):
@@ -484,6 +535,16 @@ class ClusterConfig(_Group):
         None, "in-process Ray only: logical CPUs (null = max(8, workers.max * cpus_per_worker))", Bound(gt=0))
 
 
+class CodeConfig(_Group):
+    """Plug-in code shipped to every worker through Ray's runtime_env (when a factory is configured)."""
+
+    paths: list[Text] = _key(
+        [], "packages or .py files to ship (Ray py_modules) instead of the job directory (empty = ship the "
+            "directory the job runs in)")
+    excludes: list[Text] = _key([], "more gitignore-style patterns not to ship (.git, runs/, checkpoints never are)")
+    max_size_mb: float = _key(100.0, "refuse to ship more than this many MiB (after excludes)", rules.CODE_MB)
+
+
 class LoggingConfig(_Group):
     """What the operator sees."""
 
@@ -511,6 +572,7 @@ class JobConfig(_Group):
     resume: Text = _key("auto", "auto (latest checkpoint in checkpoint.dir), never, or a checkpoint prefix/directory",
                         pattern=_NOT_BLANK)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    code: CodeConfig = Field(default_factory=CodeConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
@@ -887,6 +949,17 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (),
         raise _config_error(exc, JobConfig, tree.at) from None
     finally:
         _VALIDATING.reset(token)
+
+
+def error_at(path: str | os.PathLike, overrides: Sequence[str], key: str | None, message: str,
+             environ: Mapping[str, str] | None = None) -> ConfigError:
+    """A ``ConfigError`` for a problem found after loading (a plug-in, the data), located at the
+    line of ``key`` in the file (or the ``--set`` that gave it), else at its nearest parent key."""
+    environ = os.environ if environ is None else environ
+    tree = _read_tree(os.fspath(path), environ)
+    for arg in overrides:
+        _apply_override(tree, arg, environ)
+    return tree.at(key or "").error(key, message)
 
 
 def config_to_dict(cfg: Any, reveal: bool = False) -> Any:

@@ -119,6 +119,13 @@ def synthetic_problem(num_examples: int, input_dim: int) -> str | None:
                 f"at most {MAX_SYNTHETIC_FLOATS * 4 >> 30} GiB is generated")
     return None
 
+FRACTION = Bound(gt=0, lt=1)                # data.eval_fraction
+
+# ---------------------------------------------------------------------------- plug-ins
+FACTORY = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"   # package.module:callable.attr
+FACTORY_TEXT = "'module:callable' (e.g. my_models:build)"
+CODE_MB = Bound(gt=0)
+
 # ---------------------------------------------------------------------------- job and cluster
 STEPS = Bound(ge=1, le=MAX_STEPS)
 WORKERS = Bound(ge=1, le=MAX_WORKERS)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,17 +37,23 @@ from orchestrator.checkpoint import commit as commit_lib
 from orchestrator.checkpoint import state as state_lib
 from orchestrator.checkpoint.errors import CheckpointError
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.cluster import recipe
+from orchestrator.cluster import recipe, shipping
 from orchestrator.cluster.collectives import Collective, make_collective
 from orchestrator.cluster.emergency import MARGIN_S, Tier, plan_emergency
-from orchestrator.cluster.errors import CheckpointSaveError, RestoreError, WorkerFailedError
+from orchestrator.cluster.errors import (CheckpointSaveError, NonFiniteLossError, RestoreError,
+                                         WorkerFailedError)
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
 from orchestrator.config import Device
+from orchestrator.engine.data import DatasetError
+from orchestrator.engine.protocol import PluginError
 
 log = logging.getLogger(__name__)
 
+# A plug-in that breaks the protocol or data that fails its checks fails the same way on every
+# restart: the job stops (exit 1) instead of burning fault_tolerance.max_failures.
+DETERMINISTIC_ERRORS = (PluginError, DatasetError)
 START_TIMEOUT_FLOOR_S = 120.0  # actor start includes loading the dataset
 CONTROL_TIMEOUT_S = 60.0       # small control calls (info, abandon)
 
@@ -130,8 +137,10 @@ class Coordinator:
 
     def __init__(self, config, num_workers: int | None = None, reporter: Any = None,
                  resume: str | None = None, collective: Collective | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.config = config
+                 clock: Callable[[], float] = time.monotonic, dataset: Any = None):
+        """``dataset``: the job's data already loaded (a ``Dataset`` or its ObjectRef); None loads it."""
+        self.config = shipping.absolute_paths(config)  # plug-in workers run in a copy of the job directory
+        self.dataset = dataset
         self.num_workers = int(num_workers or config.workers.max)
         self.reporter = reporter or _NullReporter()
         self.resume = str(resume if resume is not None else config.resume)
@@ -172,14 +181,24 @@ class Coordinator:
 
     def _actor_options(self) -> dict:
         shape = worker_shape(self.config)  # the same per-worker resources the scaling policy counts
-        return {"num_cpus": shape.cpus, "num_gpus": shape.gpus, "max_restarts": 0}
+        options = {"num_cpus": shape.cpus, "num_gpus": shape.gpus, "max_restarts": 0}
+        env = shipping.actor_runtime_env(self.config, ray.get_runtime_context().runtime_env)
+        if env is not None:  # plug-in code: shipped to every worker, on every node
+            options["runtime_env"] = env
+        return options
+
+    def _shared_dataset(self) -> Any:
+        """An ObjectRef of the dataset: loaded once here, shared zero-copy by the workers of a node."""
+        if isinstance(self.dataset, ray.ObjectRef):
+            return self.dataset
+        return ray.put(self.dataset if self.dataset is not None else recipe.load_data(self.config))
 
     def start(self) -> None:
         """Create the M actors, restore from a checkpoint when ``resume`` says so."""
         self._expect(CoordinatorState.CREATED)
         actor_cls = self.worker_factory()
         options = self._actor_options()
-        dataset = ray.put(recipe.load_data(self.config))  # loaded once, shared zero-copy by the workers
+        dataset = self._shared_dataset()
         self.workers = [actor_cls.options(**options).remote(self.config, rank, self.num_workers, dataset)
                         for rank in range(self.num_workers)]
         timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
@@ -241,10 +260,23 @@ class Coordinator:
                 self.step_once()
             self._final_eval()
             return self._stop(CoordinatorState.FINISHED)
+        except (NonFiniteLossError, *DETERMINISTIC_ERRORS):
+            self.state = CoordinatorState.FAILED
+            self._finish_good_save()
+            raise
         except BaseException:  # a worker failure, or anything else: never leave a save half-done
             self.state = CoordinatorState.FAILED
             self._abandon_in_flight()
             raise
+
+    def _finish_good_save(self) -> None:
+        """The job stops on a model or data error with every worker alive: a save in flight
+        holds a step from before the error, so it is committed rather than thrown away."""
+        try:
+            self.finish_save()
+        except Exception as exc:
+            log.warning("the save in flight is abandoned (%s: %s)", type(exc).__name__, exc)
+            self._abandon_in_flight()
 
     def step_once(self) -> dict[str, float]:
         """One global step on every worker, then the eval/save decisions for the new step."""
@@ -256,6 +288,8 @@ class Coordinator:
         self.global_step = step + 1
         self.last_progress = self.clock()
         self.metrics = aggregate_metrics(per_rank, self.last_progress - started)
+        if not math.isfinite(self.metrics["loss"]):
+            raise NonFiniteLossError(self.global_step, self.metrics["loss"], self.manager.latest_checkpoint)
         self._report_step()
         self.poll_save()
         if self.eval_policy.due(self.global_step):
@@ -451,6 +485,8 @@ class Coordinator:
         try:
             ray.get(ref, timeout=CONTROL_TIMEOUT_S)
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, DETERMINISTIC_ERRORS):  # a restart would fail the same way
+                raise exc.cause from None
             raise WorkerFailedError(rank, _task_cause(exc), step) from exc
         except ray.exceptions.RayError as exc:
             raise WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step,
@@ -491,15 +527,17 @@ class Coordinator:
             raise RuntimeError(f"coordinator is {self.state.value}; expected {[s.value for s in states]}")
 
 
-def aggregate_metrics(per_rank: Sequence[Mapping[str, float]], seconds: float) -> dict[str, float]:
-    """Global loss/accuracy of one step from each rank's sums."""
+def aggregate_metrics(per_rank: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, float]:
+    """Global loss (and accuracy, unless a model reports no ``num_correct``) of one step from
+    each rank's sums; a model's extra metrics (per-example sums) become means too."""
     examples = sum(m["examples"] for m in per_rank)
-    return {
-        "loss": sum(m["loss_sum"] for m in per_rank) / examples,
-        "accuracy": sum(m["num_correct"] for m in per_rank) / examples,
-        "step_time": seconds,
-        "examples_per_sec": examples / seconds if seconds > 0 else 0.0,
-    }
+    metrics = {"loss": sum(m["loss_sum"] for m in per_rank) / examples}
+    if all(m.get("num_correct") is not None for m in per_rank):
+        metrics["accuracy"] = sum(m["num_correct"] for m in per_rank) / examples
+    for name in sorted({k for m in per_rank for k in m.get("sums", {})}):
+        metrics[name] = sum(m.get("sums", {}).get(name, 0.0) for m in per_rank) / examples
+    metrics.update(step_time=seconds, examples_per_sec=examples / seconds if seconds > 0 else 0.0)
+    return metrics
 
 
 def _task_cause(exc: Any) -> str:

@@ -56,3 +56,15 @@ class RestoreError(ClusterError, ValueError):
 
 class ClusterSetupError(ClusterError, ValueError):
     """The job cannot start on this cluster as configured (e.g. local checkpoints on many nodes)."""
+
+
+class NonFiniteLossError(ClusterError):
+    """The training loss became NaN or inf: the job stops; nothing of that state is saved."""
+
+    def __init__(self, step: int, loss: float, last_checkpoint: str | None):
+        kept = f"{last_checkpoint} stays the latest checkpoint" if last_checkpoint else "no checkpoint was committed"
+        super().__init__(f"training loss is {loss} at step {step}; the job stops ({kept})")
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.loss, self.last_checkpoint))

@@ -31,12 +31,17 @@ __all__ = ["JobResult", "run_job", "connect", "check_shared_storage"]
 log = logging.getLogger(__name__)
 
 
-def run_job(config, reporter=None) -> JobResult:
-    """Train ``config`` on Ray and return what happened (see ``JobResult``)."""
+def run_job(config, reporter=None, dataset=None) -> JobResult:
+    """Train ``config`` on Ray and return what happened (see ``JobResult``).
+
+    ``dataset``: the job's data when the caller already loaded it (``preflight``); it is put
+    in Ray's object store once and shared by every attempt's workers.
+    """
     started_ray = connect(config)
     try:
         check_shared_storage(config)
-        return Supervisor(config, reporter).run()
+        shared = None if dataset is None else ray.put(dataset)
+        return Supervisor(config, reporter, dataset=shared).run()
     finally:
         if started_ray:
             ray.shutdown()

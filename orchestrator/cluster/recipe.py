@@ -8,14 +8,19 @@ the same retention settings.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from orchestrator import rules
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.config import ConfigError, Dataset, JobConfig, ModelKind
 from orchestrator.engine import data as data_lib
+from orchestrator.engine import files as files_lib
 from orchestrator.engine import models as models_lib
 from orchestrator.engine import optimizers as optimizers_lib
+from orchestrator.engine import plugins as plugins_lib
+
+SYNTHETIC_CLASSES = 10  # data.num_classes null on a synthetic dataset
 
 
 def checkpoint_options(config: JobConfig) -> dict[str, Any]:
@@ -33,12 +38,26 @@ def checkpoint_manager(config: JobConfig) -> CheckpointManager:
         storage_options=checkpoint_options(config), fsync=ckpt.fsync)
 
 
+def add_code_paths(config: JobConfig) -> None:
+    """Make the job's plug-in modules importable here: the job directory (cwd), and for each
+    ``code.paths`` entry the directory holding it (a package's parent, a module's folder)."""
+    parents = [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in config.code.paths]
+    plugins_lib.add_import_dirs([os.getcwd(), *parents])
+
+
 def load_data(config: JobConfig) -> "data_lib.Dataset":
+    """The job's dataset: a data plug-in, files, or a built-in set (see the ``data`` config keys)."""
     cfg = config.data
+    if cfg.factory:
+        loaded = plugins_lib.call_data_factory(cfg.factory, cfg.args, config.seed)
+        return data_lib.from_arrays(*_factory_splits(loaded, cfg.factory), cfg.num_classes,
+                                    cfg.factory, ("data.factory", "data.factory"))
+    if cfg.format:
+        return files_lib.load_files(file_source(config))
     opts: dict[str, Any] = {}
     if cfg.dataset is Dataset.SYNTHETIC:
         opts = {"num_examples": cfg.num_examples, "input_dim": cfg.input_dim,
-                "num_classes": cfg.num_classes, "seed": config.seed}
+                "num_classes": cfg.num_classes or SYNTHETIC_CLASSES, "seed": config.seed}
     return data_lib.load_dataset(cfg.dataset.value, path=cfg.path, storage_options=dict(cfg.storage_options),
                                  **opts)
 
@@ -61,15 +80,46 @@ def check_data(config: JobConfig, source: str | None = None) -> None:
         raise ConfigError(too_large, source, key="data.global_batch_size")
 
 
-def num_classes(config: JobConfig, dataset) -> int:
-    if config.data.dataset is Dataset.SYNTHETIC:
+def file_source(config: JobConfig) -> "files_lib.FileSource":
+    cfg = config.data
+    return files_lib.FileSource(
+        format=cfg.format.value, path=cfg.path, features=cfg.features, labels=cfg.labels,
+        eval_path=cfg.eval_path, eval_fraction=cfg.eval_fraction,
+        storage_options=dict(cfg.storage_options), num_classes=cfg.num_classes)
+
+
+def _factory_splits(loaded: Any, name: str) -> tuple[tuple, tuple | None]:
+    """((train_x, train_y), (eval_x, eval_y) or None) from what a data factory returned."""
+    if isinstance(loaded, data_lib.Dataset):
+        return (loaded.train_x, loaded.train_y), (loaded.test_x, loaded.test_y)
+    if isinstance(loaded, dict):
+        loaded = tuple(loaded.get(k) for k in ("train_x", "train_y", "eval_x", "eval_y"))
+    if isinstance(loaded, (tuple, list)) and len(loaded) == 2 and loaded[0] is not None:
+        loaded = (*loaded, None, None)
+    if not isinstance(loaded, (tuple, list)) or len(loaded) != 4 or loaded[0] is None or loaded[1] is None:
+        raise plugins_lib.PluginError(
+            f"{name} must return (train_x, train_y, eval_x, eval_y) (eval may be None), "
+            f"a dict with those keys, or a Dataset; got {type(loaded).__name__}", "data.factory")
+    test = None if loaded[2] is None else (loaded[2], loaded[3])
+    return (loaded[0], loaded[1]), test
+
+
+def num_classes(config: JobConfig, dataset) -> int | None:
+    """Classes of the job (None for regression targets)."""
+    if config.data.num_classes:
         return int(config.data.num_classes)
-    known = getattr(dataset, "num_classes", None)
-    return int(known) if known else int(dataset.train_y.max()) + 1
+    if config.data.dataset is Dataset.SYNTHETIC and not (config.data.format or config.data.factory):
+        return SYNTHETIC_CLASSES
+    return dataset.num_classes
 
 
-def model_spec(config: JobConfig, dataset) -> "models_lib.ModelSpec":
+def model_spec(config: JobConfig, dataset) -> "models_lib.ModelSpec | plugins_lib.PluginSpec":
+    """What the job trains: a built-in ``ModelSpec`` or a plug-in's ``PluginSpec``."""
     cfg = config.model
+    if cfg.factory:
+        return plugins_lib.PluginSpec(cfg.factory, dict(cfg.args), dataset.input_shape,
+                                      num_classes(config, dataset))
+    _check_builtin_fits(cfg.kind.value, dataset)
     return models_lib.ModelSpec(
         kind=cfg.kind.value,
         input_dim=int(dataset.train_x.shape[1]),
@@ -81,8 +131,23 @@ def model_spec(config: JobConfig, dataset) -> "models_lib.ModelSpec":
     )
 
 
-def make_optimizer(config: JobConfig) -> "optimizers_lib.Optimizer":
+def _check_builtin_fits(kind: str, dataset) -> None:
+    if dataset.is_regression:
+        raise plugins_lib.PluginError(
+            f"model.kind {kind} is a classifier but the labels are floating point (regression): "
+            f"use integer class labels or a plug-in model (model.factory)", "model.kind")
+    if dataset.train_x.ndim != 2:
+        raise plugins_lib.PluginError(
+            f"model.kind {kind} needs features of shape [N, D], got [N, "
+            f"{', '.join(map(str, dataset.input_shape))}]: flatten them or use a plug-in model "
+            f"(model.factory)", "model.kind")
+
+
+def make_optimizer(config: JobConfig):
+    """The built-in optimizer of ``optimizer.name``, or the plug-in of ``optimizer.factory``."""
     cfg = config.optimizer
+    if cfg.factory:
+        return plugins_lib.build_plugin_optimizer(cfg.factory, cfg.args, cfg.learning_rate)
     hyper = {field: getattr(cfg, field) for field in optimizers_lib.SHARED_HYPER}  # each rule uses its own
     return optimizers_lib.make_optimizer(cfg.name.value, cfg.learning_rate, **hyper)
 

@@ -151,10 +151,10 @@ class _AttemptTracker:
         return getattr(self._inner, name)
 
 
-def _default_coordinator_factory(config, num_workers, reporter, resume):
+def _default_coordinator_factory(config, num_workers, reporter, resume, dataset=None):
     from orchestrator.cluster.coordinator import Coordinator
 
-    return Coordinator(config, num_workers=num_workers, reporter=reporter, resume=resume)
+    return Coordinator(config, num_workers=num_workers, reporter=reporter, resume=resume, dataset=dataset)
 
 
 class Supervisor:
@@ -172,7 +172,8 @@ class Supervisor:
                  coordinator_factory=_default_coordinator_factory,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 settle_s: float = 3.0):
+                 settle_s: float = 3.0, dataset=None):
+        """``dataset``: the job's data, loaded once for every attempt (None: each attempt loads it)."""
         ft = config.fault_tolerance
         self.config = config
         self.failure_policy = failure_policy or FailurePolicy.from_config(ft)
@@ -189,6 +190,7 @@ class Supervisor:
         self.attempts: list[AttemptResult] = []
         self._initial_resume = config.resume  # resolved (auto -> a verified checkpoint or never) in run()
         self._resize_to: int | None = None  # set when capacity for a bigger job comes back mid-attempt
+        self._dataset = dataset
 
     @property
     def coordinator(self):
@@ -232,7 +234,8 @@ class Supervisor:
                     len(self.attempts) + 1, num_workers, resume)
         self.tracker.new_attempt()
         self._resize_to = None
-        coord = self._factory(self.config, num_workers, self.tracker, resume)
+        extra = {} if self._dataset is None else {"dataset": self._dataset}
+        coord = self._factory(self.config, num_workers, self.tracker, resume, **extra)
         self._coordinator = coord
         first_step = None
         try:

@@ -35,6 +35,8 @@ from orchestrator.cluster.collectives import NcclGroup
 from orchestrator.cluster.errors import RestoreError
 from orchestrator.cluster.ownership import assign_owners
 from orchestrator.cluster.shard_save import ShardSaver
+from orchestrator.engine import protocol
+from orchestrator.engine.data import DatasetError
 from orchestrator.engine.backend import get_backend
 from orchestrator.engine.models import build_model
 
@@ -76,8 +78,22 @@ class TrainWorker:
 
     def __init__(self, config, rank: int, num_workers: int, dataset=None):
         """``dataset``: shared by the coordinator through the object store (zero-copy on one
-        node); None loads it here."""
+        node); None loads it here.
+
+        A plug-in or data error is kept and raised by ``info()``, the coordinator's first call:
+        an exception raised here would reach the driver as bare text, losing its type, and the
+        coordinator needs the type to stop the job instead of restarting it.
+        """
         self.config, self.rank, self.num_workers = config, rank, num_workers
+        self._setup_error: Exception | None = None
+        try:
+            self._setup(dataset)
+        except (protocol.PluginError, DatasetError) as exc:
+            self._setup_error = exc
+
+    def _setup(self, dataset) -> None:
+        config, rank, num_workers = self.config, self.rank, self.num_workers
+        recipe.add_code_paths(config)
         self.seed = int(config.seed)
         self.backend = get_backend(config.device.value)
         self.dataset = dataset if dataset is not None else recipe.load_data(config)
@@ -97,6 +113,8 @@ class TrainWorker:
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict:
+        if self._setup_error is not None:
+            raise self._setup_error
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "owned": list(self.owned), "global_step": self.global_step}
 
@@ -122,11 +140,13 @@ class TrainWorker:
     def _slice_grads(self, step: int, params: Mapping[str, Any]) -> tuple[dict, dict]:
         local, offset = self.sampler.split(self.sampler.next_batch(), self.rank, self.num_workers)
         local = self.backend.asarray(local)  # host -> device on cupy
-        loss_sum, correct, grads = self.model.loss_and_grads(
+        out = protocol.parse_step_output(self.model.loss_and_grads(
             params, self._train_x[local], self._train_y[local], step=step, example_offset=offset,
-            global_batch_size=self.config.data.global_batch_size, seed=self.seed, train=True)
-        metrics = {"loss_sum": float(loss_sum), "num_correct": int(correct), "examples": int(len(local))}
-        return metrics, grads
+            global_batch_size=self.config.data.global_batch_size, seed=self.seed, train=True))
+        protocol.check_grads(out.grads, self.variables, f"step {step}: loss_and_grads")
+        metrics = {"loss_sum": out.loss_sum, "num_correct": out.num_correct, "examples": int(len(local)),
+                   "sums": out.metrics}
+        return metrics, out.grads
 
     def apply_grads(self, step: int, *grads_by_rank: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
         """Sum each owned gradient over ranks 0..M-1 in that order, apply the optimizer.
@@ -150,10 +170,15 @@ class TrainWorker:
         return {"rank": self.rank, "global_step": self.global_step}, params
 
     def evaluate(self, *owner_params: Mapping[str, Any]) -> dict[str, float]:
+        if not len(self.dataset.test_y):
+            return {}  # no evaluation split
         params = self._gather_params(owner_params)
-        loss, accuracy = self.model.evaluate(params, self.backend.asarray(self.dataset.test_x),
-                                             self.backend.asarray(self.dataset.test_y))
-        return {"eval_loss": float(loss), "eval_accuracy": float(accuracy)}
+        out = protocol.parse_eval_output(self.model.evaluate(
+            params, self.backend.asarray(self.dataset.test_x), self.backend.asarray(self.dataset.test_y)))
+        metrics = {"eval_loss": out.loss, **{f"eval_{k}": v for k, v in out.metrics.items()}}
+        if out.accuracy is not None:
+            metrics["eval_accuracy"] = out.accuracy
+        return metrics
 
     def _gather_params(self, owner_params) -> dict[str, Any]:
         params = {}

@@ -35,6 +35,7 @@ import numpy as np
 
 from orchestrator import rules
 from orchestrator.checkpoint.storage import Storage
+from orchestrator.errors import OrchestratorError
 
 DATASETS = ("digits", "mnist", "synthetic", "chars")
 MNIST_FILES = {
@@ -52,30 +53,55 @@ DATASET_OPTIONS = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(ValueError):
-    """A dataset cannot be loaded; the message names the file or option at fault."""
+class DatasetError(OrchestratorError, ValueError):
+    """A dataset cannot be loaded; the message names the file or option at fault, ``key``
+    the config key to change (``data.labels``), when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.key))
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features float32 [N, D] in [0, 1] and labels int64 [N]; for ``chars``, token ids
-    [N, context] and next-token labels [N, context], with the characters in ``vocabulary``."""
+    """Features [N, ...] (float32 [N, D] in [0, 1] for the built-in sets) and labels [N]: int64
+    class ids, or floating point targets (regression); for ``chars``, token ids [N, context] and
+    next-token labels [N, context], with the characters in ``vocabulary``. ``classes``: the
+    number of classes when known beyond the labels seen; the test split may be empty (no
+    evaluation)."""
 
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
     vocabulary: tuple[str, ...] | None = None
+    classes: int | None = None
 
     @property
     def input_dim(self) -> int:
         return int(self.train_x.shape[1])
 
     @property
-    def num_classes(self) -> int:
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train_x.shape[1:])
+
+    @property
+    def is_regression(self) -> bool:
+        return bool(np.issubdtype(self.train_y.dtype, np.floating))
+
+    @property
+    def num_classes(self) -> int | None:
+        """None for regression targets; else the vocabulary size, ``classes``, or the largest label + 1."""
+        if self.is_regression:
+            return None
         if self.vocabulary is not None:
             return len(self.vocabulary)
-        return int(max(self.train_y.max(), self.test_y.max())) + 1
+        if self.classes is not None:
+            return int(self.classes)
+        return int(max(self.train_y.max(), self.test_y.max(initial=0))) + 1
 
 
 def load_dataset(name: str, path: str | None = None,
@@ -258,6 +284,91 @@ def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
     if len(data) - header != expected:
         raise DatasetError(f"{path}: IDX shape {shape} needs {expected} data bytes, file has {len(data) - header}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+# --------------------------------------------------------------------------- arrays from users
+def from_arrays(train: tuple[Any, Any], test: tuple[Any, Any] | None, num_classes: int | None,
+                source: str, keys: tuple[str, str] = ("data.features", "data.labels")) -> Dataset:
+    """A checked ``Dataset`` from user arrays (files or a data factory).
+
+    Features become [N, ...] floating point (integers and booleans as float32), labels [N]
+    int64 (classification) or floating (regression). Raises ``DatasetError`` naming
+    ``source`` and the config key for: no examples, features and labels of different
+    lengths, NaN/inf features or targets, class labels outside ``[0, num_classes)``.
+    """
+    train_x, train_y = _checked_split(*train, f"{source} (train)", keys)
+    if test is None:
+        test_x, test_y = train_x[:0], train_y[:0]
+    else:
+        test_x, test_y = _checked_split(*test, f"{source} (eval)", keys, allow_empty=True)
+        if test_x.shape[1:] != train_x.shape[1:]:
+            raise DatasetError(f"{source}: eval features have shape [N, {', '.join(map(str, test_x.shape[1:]))}] "
+                               f"but train features [N, {', '.join(map(str, train_x.shape[1:]))}]", keys[0])
+        if np.issubdtype(test_y.dtype, np.floating) != np.issubdtype(train_y.dtype, np.floating):
+            raise DatasetError(f"{source}: eval labels are {test_y.dtype} but train labels {train_y.dtype}", keys[1])
+    dataset = Dataset(train_x, train_y, test_x, test_y, num_classes)
+    if not dataset.is_regression:
+        _check_class_labels(dataset, num_classes, source, keys[1])
+    return dataset
+
+
+def _checked_split(x: Any, y: Any, source: str, keys: tuple[str, str],
+                   allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _feature_array(x, source, keys[0]), _label_array(y, source, keys[1])
+    if len(x) != len(y):
+        raise DatasetError(f"{source}: features ({keys[0]}) have {len(x)} rows but labels ({keys[1]}) "
+                           f"{len(y)}; they must have the same length", keys[1])
+    if not len(x) and not allow_empty:
+        raise DatasetError(f"{source}: no examples", keys[0])
+    _check_finite(x, source, keys[0], "features")
+    if np.issubdtype(y.dtype, np.floating):
+        _check_finite(y, source, keys[1], "labels")
+    return x, y
+
+
+def _feature_array(x: Any, source: str, key: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind in "biu":
+        x = x.astype(np.float32)
+    if x.dtype.kind != "f":
+        raise DatasetError(f"{source}: features must be numeric, got dtype {x.dtype}", key)
+    return x.reshape(len(x), 1) if x.ndim == 1 else x
+
+
+def _label_array(y: Any, source: str, key: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DatasetError(f"{source}: labels must be one value per example, got shape {list(y.shape)}", key)
+    if y.dtype.kind in "biu":
+        return y.astype(np.int64)
+    if y.dtype.kind != "f":
+        raise DatasetError(f"{source}: labels must be integers (classes) or floats (regression), "
+                           f"got dtype {y.dtype}", key)
+    return y
+
+
+def _check_finite(values: np.ndarray, source: str, key: str, what: str) -> None:
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{source}: {what} hold NaN or inf in {int(bad.sum())} row(s), the first is row {row}", key)
+
+
+def _check_class_labels(dataset: Dataset, num_classes: int | None, source: str, key: str) -> None:
+    for split, labels in (("train", dataset.train_y), ("eval", dataset.test_y)):
+        if not len(labels):
+            continue
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            value = low if low < 0 else high
+            row = int(np.flatnonzero(labels == value)[0])
+            bound = f"[0, {num_classes})" if num_classes is not None else "[0, num_classes)"
+            raise DatasetError(f"{source} ({split}): label {value} at row {row} is outside {bound}", key)
+    if dataset.num_classes < 2:
+        raise DatasetError(f"{source}: every label is 0; classification needs at least 2 classes "
+                           f"(set data.num_classes, or use float labels for regression)", key)
 
 
 # --------------------------------------------------------------------------- sampler

@@ -121,6 +121,46 @@ def keep_mask(seed: int, step: int, layer: int, example_offset: int,
     return random_bits(seed, step, layer, example_offset, batch, units) < threshold
 
 
+PLUGIN_STREAM_BIT = 0x80000000  # plug-in streams never collide with the built-in dropout layer ids
+
+
+def uniform(seed: int, step: int, example_offset: int, shape, stream: int = 0,
+            dtype=np.float32) -> np.ndarray:
+    """Uniform [0, 1) values of ``shape`` = (batch, ...) for global examples ``example_offset + i``.
+
+    The public randomness helper for plug-in models: row ``i`` is a pure function of
+    ``(seed, step, stream, example_offset + i)``, so M workers that each hold a slice of the
+    global batch, and a resumed run, draw exactly what one uninterrupted process draws.
+    ``stream`` (0 .. 2**31 - 1) separates independent uses within one step (e.g. one per
+    dropout layer). Counter layout: ``(unit // 4, example, step, stream | 2**31)``, one
+    32-bit Philox word per unit; float32 values keep the top 24 bits, float64 all 32.
+    """
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise ValueError("uniform: shape must start with the batch dimension")
+    if not 0 <= int(stream) < PLUGIN_STREAM_BIT:
+        raise ValueError(f"uniform: stream must be in [0, 2**31), got {stream}")
+    batch, units = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    words = _words32(seed, step, int(stream) | PLUGIN_STREAM_BIT, example_offset, batch, units)
+    if np.dtype(dtype) == np.float32:
+        values = (words >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+    else:
+        values = words.astype(np.dtype(dtype)) * np.dtype(dtype).type(1.0 / (1 << 32))
+    return values.reshape(shape)
+
+
+def _words32(seed: int, step: int, stream: int, example_offset: int, batch: int, units: int) -> np.ndarray:
+    """uint32 [batch, units]: word ``unit % 4`` of block ``unit // 4`` of each example."""
+    groups = (max(units, 1) + 3) // 4
+    unit_group = np.arange(groups, dtype=np.uint64)[None, :]                                    # [1, G]
+    example = np.arange(example_offset, example_offset + batch, dtype=np.uint64)[:, None] & _MASK32  # [B, 1]
+    counter = (unit_group, example, int(step) & 0xFFFFFFFF, stream & 0xFFFFFFFF)
+    words = np.empty((batch, groups, 4), dtype=np.uint32)                                       # [B, G, 4]
+    for lane, word in enumerate(_philox_full(counter, seed_key(seed), (batch, groups))):
+        words[:, :, lane] = word
+    return words.reshape(batch, groups * 4)[:, :units]
+
+
 # The same generator for CUDA kernels (used as a preamble by kernels_cupy).
 CUDA_PHILOX_SOURCE = r"""
 __device__ __forceinline__ unsigned int orch_philox_word(
