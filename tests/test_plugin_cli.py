@@ -109,7 +109,7 @@ def test_factory_name_syntax_is_a_config_error(job, capsys):
     config = job.write()
     config.write_text(config.read_text().replace(f"{job.name}:build", f"{job.name}.build"))
     error = bad_input(capsys, config)
-    assert "model.factory: expected 'module:callable'" in error
+    assert "model.factory: must be 'module:callable' (e.g. my_models:build) (got" in error
 
 
 # ---------------------------------------------------------------------------- other factories

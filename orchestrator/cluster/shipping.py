@@ -21,7 +21,6 @@ made absolute on the driver (``absolute_paths``) before the config reaches them.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -180,11 +179,10 @@ def _too_large(roots: list[str], sizes: dict[str, int], total: int, limit_mb: fl
 
 def absolute_paths(config) -> Any:
     """``config`` with its local paths made absolute (workers run in another directory)."""
-    checkpoint = dataclasses.replace(config.checkpoint, dir=_absolute(config.checkpoint.dir))
-    data = dataclasses.replace(config.data, path=_absolute(config.data.path),
-                               eval_path=_absolute(config.data.eval_path))
     resume = config.resume if config.resume in ("auto", "never") else _absolute(config.resume)
-    return dataclasses.replace(config, checkpoint=checkpoint, data=data, resume=resume)
+    return config.replace(checkpoint={"dir": _absolute(config.checkpoint.dir)},
+                          data={"path": _absolute(config.data.path), "eval_path": _absolute(config.data.eval_path)},
+                          resume=resume)
 
 
 def _absolute(path: str | None) -> str | None:
