@@ -72,3 +72,25 @@ def test_built_in_models_and_the_example_plugin_pass(capsys, monkeypatch, config
     code, lines, err = check(capsys, REPO / config, *[a for s in sets for a in ("--set", s)])
     assert code == EXIT_OK, "\n".join(lines) + err
     assert not failed(lines) and lines[-1].startswith("OK:")
+
+
+def test_the_worked_example_in_docs_plugins_md_passes(tmp_path, monkeypatch, capsys):
+    """docs/plugins.md's complete example, as written, on generated npz data."""
+    import re
+
+    import numpy as np
+
+    from tests.plugin_fixtures import encode, make_arrays
+
+    text = (REPO / "docs" / "plugins.md").read_text().split("### A complete example", 1)[1]
+    source = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    job = re.search(r"```yaml\n(.*?)```", text, flags=re.S).group(1)
+    (tmp_path / "linear.py").write_text(source)
+    (tmp_path / "data").mkdir()
+    x, y = make_arrays(200)
+    (tmp_path / "data" / "train.npz").write_bytes(encode("npz", x, y))
+    (tmp_path / "job.yaml").write_text(job)
+    monkeypatch.chdir(tmp_path)
+    code, lines, err = check(capsys, tmp_path / "job.yaml")
+    assert code == EXIT_OK, "\n".join(lines) + err
+    assert np.isfinite(float(lines[-2].split("mean loss ")[1].split(",")[0]))

@@ -45,10 +45,13 @@ def check_factory_name(name: str | None) -> str | None:
 
 
 def add_import_dirs(directories: Sequence[str]) -> None:
-    """Put ``directories`` (absolute) at the front of ``sys.path`` once each."""
-    for directory in reversed([os.path.abspath(d) for d in directories]):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+    """Put ``directories`` (absolute) at the front of ``sys.path``, in this order, once each.
+
+    At the front, not just somewhere: a worker runs in the shipped copy of the job directory,
+    and that copy must win over a same-named directory the driver's ``sys.path`` passed on.
+    """
+    wanted = [os.path.abspath(d) for d in directories]
+    sys.path[:] = wanted + [p for p in sys.path if p not in wanted and os.path.abspath(p or ".") not in wanted]
 
 
 def import_callable(name: str, key: str) -> Callable:
