@@ -805,7 +805,6 @@ def _relocate(tree: _Tree, key: str, loc: _Loc) -> None:
 
 
 # ---------------------------------------------------------------------------- pydantic errors -> ConfigError
-_TOO_LONG = "too_long"
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true/false)",
              "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
              "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys"}
@@ -848,7 +847,7 @@ def _describe(error: dict, loc: list, model: type[_Group]) -> tuple[str, list, l
         return _enum_message(_field_at(model, loc), value), loc, None
     if kind in _BOUND_ERRORS:
         return _bound_at(model, loc, Bound(**{_BOUND_ERRORS[kind]: ctx[_BOUND_ERRORS[kind]]})).problem(value), loc, None
-    if kind == _TOO_LONG:
+    if kind == "too_long":
         return f"must have at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})", loc, None
     if kind == "finite_number":
         return f"must be a finite number (got {_show(value)})", loc, None
