@@ -919,14 +919,14 @@ def _suggest(name: str, group: type[_Group] | None) -> str:
     return f"; known keys: {', '.join(known)}" if known else ""
 
 
-def _all_keys() -> dict[str, str]:
-    """Every dotted schema key -> its last component."""
+def _all_keys(group: type[_Group] | None = None, prefix: str = "") -> dict[str, str]:
+    """Every dotted schema key (groups nested in groups included) -> its last component."""
     out = {}
-    for name, info in JobConfig.model_fields.items():
-        out[name] = name
-        group = _group_of(info.annotation)
-        if group is not None:
-            out.update({f"{name}.{sub}": sub for sub in group.model_fields})
+    for name, info in (group or JobConfig).model_fields.items():
+        out[prefix + name] = name
+        inner = _group_of(info.annotation)
+        if inner is not None:
+            out.update(_all_keys(inner, f"{prefix}{name}."))
     return out
 
 

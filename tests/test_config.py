@@ -47,6 +47,8 @@ CASES = [
     ("unknown-nested", GOOD.replace("  hidden: [32, 32]", "  hiden: [32, 32]  #<"), [],
      "model.hiden: unknown key; did you mean 'hidden'?"),
     ("key-in-wrong-group", GOOD + "steps: 10  #<\n", [], "steps: unknown key; did you mean 'train.steps'?"),
+    ("key-in-wrong-nested-group", GOOD + "fault_tolerance:\n  gce: true  #<\n", [],
+     "fault_tolerance.gce: unknown key; did you mean 'fault_tolerance.preemption_notices.gce'?"),
     ("int-wrong-type", GOOD.replace("  steps: 50", "  steps: ten  #<"), [],
      "train.steps: expected an integer, got string 'ten'"),
     ("int-given-float", GOOD + "seed: 1.5  #<\n", [], "seed: expected an integer, got number 1.5"),
@@ -367,15 +369,29 @@ def test_schema_accepts_the_good_config_and_env_references():
     assert not list(validator.iter_errors(_document(SECRET_YAML, [])))  # seed: ${ORCH_SEED}
 
 
-def test_every_string_key_keeps_its_env_reference():
-    """A ``str`` key must be ``Text``: plain ``str`` would lose ``${VAR}`` in dump_config."""
-    from orchestrator.config import _group_of
+def _string_keys(group=JobConfig, prefix=""):
+    """Dotted keys whose value is a string (or null)."""
+    for name, info in group.model_fields.items():
+        tp = info.annotation
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+        tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            yield from _string_keys(tp, f"{prefix}{name}.")
+        elif tp is str:
+            yield prefix + name
 
-    groups = [JobConfig] + [g for g in (_group_of(i.annotation) for i in JobConfig.model_fields.values()) if g]
-    for group in groups:
-        for name, info in group.model_fields.items():
-            if info.annotation in (str, typing.Optional[str]):
-                assert any(type(m).__name__ == "WrapValidator" for m in info.metadata), f"{group.__name__}.{name}"
+
+def test_every_string_key_keeps_its_env_reference(tmp_path):
+    """A string key must be ``Text``: a plain ``str`` would lose its ``${VAR}`` in dump_config."""
+    path, _ = _write_case(tmp_path, None)
+    keys = list(_string_keys())
+    assert {"name", "checkpoint.dir", "data.path", "fault_tolerance.preemption_notices.gce_endpoint"} <= set(keys)
+    for key in keys:
+        dumped = yaml.safe_load(dump_config(load_config(path, [f"{key}=${{ORCH_T}}"], environ={"ORCH_T": "x1"})))
+        for part in key.split("."):
+            dumped = dumped[part]
+        assert dumped == "${ORCH_T}", key
 
 
 # ---------------------------------------------------------------------------- bounded input
