@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 from orchestrator import rules
 from orchestrator.checkpoint import commit, reader, state
 from orchestrator.checkpoint.commit import PhaseHook
+from orchestrator.checkpoint.containment import is_inside, resolve_inside
 from orchestrator.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from orchestrator.checkpoint.retention import (Action, BestK, EveryNHours, LatestN, ManagerRetention,
                                                SweepResult, Tracked)
@@ -75,6 +76,9 @@ class Sidecar:
             data = json.loads(text)
             if data.get("format") != SIDECAR_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
+            names = list(data["preserved"]) + list(data["pending_deletions"])
+            if not all(isinstance(name, str) for name in names):
+                raise ValueError("checkpoint names must be strings")
             return cls(dict(data["checkpoints"]), list(data["preserved"]), list(data["pending_deletions"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             warnings.warn(f"ignoring unreadable checkpoint manager sidecar {where}: {e}", RuntimeWarning,
@@ -234,7 +238,7 @@ class CheckpointManager:
                                         self.latest_filename, accept=self._is_ours)
         self._sidecar = read_sidecar(self._storage, self.directory, self.latest_filename)
         self._adopt_state(recovery, now)
-        self._preserved = [self._path(n) for n in self._sidecar.preserved]
+        self._preserved = [p for p in map(self._path, self._sidecar.preserved) if p is not None]
         self._finish_pending_deletions()
         if recovery.rebuilt:
             self._write_files(self._sidecar, pending=[])
@@ -272,7 +276,7 @@ class CheckpointManager:
         tracked = set(self.checkpoints) | set(self._preserved) | {self._latest}
         for name in self._sidecar.pending_deletions:
             path = self._path(name)
-            if path not in tracked:
+            if path is not None and path not in tracked:
                 commit.delete_checkpoint(path, self._storage)
         if self._sidecar.pending_deletions:
             self._sidecar.pending_deletions = []
@@ -329,6 +333,10 @@ class CheckpointManager:
     def _delete(self, paths: list[str]) -> None:
         failed = []
         for path in paths:
+            if not is_inside(self.directory, path):  # recover_state keeps only paths inside; never delete elsewhere
+                warnings.warn(f"not deleting {path}: outside the checkpoint directory {self.directory}",
+                              RuntimeWarning, stacklevel=3)
+                continue
             try:
                 commit.delete_checkpoint(path, self._storage, on_phase=self._on_phase)
             except OSError as e:
@@ -365,8 +373,9 @@ class CheckpointManager:
         return (Storage.dirname(prefix) == self.directory
                 and self._name_re.fullmatch(Storage.basename(prefix)) is not None)
 
-    def _path(self, name: str) -> str:
-        return Storage.join(self.directory, name)
+    def _path(self, name: str) -> str | None:
+        """A checkpoint named in the sidecar, if it lies inside the directory (else None, warned)."""
+        return resolve_inside(self.directory, name, sidecar_path(self.directory, self.latest_filename))
 
     def _entry(self, path: str) -> dict:
         return self._sidecar.entries.get(Storage.basename(path), {})

@@ -4,6 +4,10 @@ A text-format ``CheckpointState`` proto (reference section 7), readable by TF's
 ``tf.train.get_checkpoint_state``. Paths are stored relative to the directory (unless
 asked otherwise) so a checkpoint directory can be moved or copied to another store;
 reading joins relative paths back onto the directory. Writes replace the file atomically.
+
+Reading keeps only the paths that lie inside the directory (``containment``): a state file
+naming ``/other/dir/model.ckpt-1``, ``../x`` or an ``http://`` URL cannot make us read,
+fetch or delete anything elsewhere; such entries are dropped with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Mapping, Sequence
 from google.protobuf import text_format
 
 from orchestrator.checkpoint import bundle
+from orchestrator.checkpoint.containment import resolve_inside
 from orchestrator.checkpoint.errors import CorruptCheckpointError, InvalidCheckpointWriteError
 from orchestrator.checkpoint.protos import CheckpointState as CheckpointStateProto
 from orchestrator.checkpoint.storage import Storage
@@ -32,12 +37,8 @@ class CheckpointState:
     last_preserved_timestamp: float = 0.0
 
 
-def _is_absolute(path: str) -> bool:
-    return "://" in path or os.path.isabs(path)
-
-
 def _absolute(path: str, directory: str) -> str:
-    if _is_absolute(path):
+    if "://" in path or os.path.isabs(path):
         return path
     joined = Storage.join(directory, path)
     return joined if "://" in joined else os.path.normpath(joined)
@@ -74,11 +75,29 @@ def get_checkpoint_state(directory: str, latest_filename: str = DEFAULT_FILENAME
         text = storage.read_bytes(path)
     except FileNotFoundError:
         return None
-    proto = _parse(text, path)
+    return _contained_state(_parse(text, path), directory, path)
+
+
+def _contained_state(proto: CheckpointStateProto, directory: str, path: str) -> CheckpointState | None:
+    """The state with every path outside ``directory`` dropped (warned); None if nothing is left.
+
+    If the latest checkpoint is dropped, the newest remaining kept one becomes latest.
+    """
+    stamps = list(proto.all_model_checkpoint_timestamps)
+    aligned = len(stamps) == len(proto.all_model_checkpoint_paths)
+    paths, kept_stamps = [], []
+    for i, entry in enumerate(proto.all_model_checkpoint_paths):
+        inside = resolve_inside(directory, entry, path)
+        if inside is not None:
+            paths.append(inside)
+            kept_stamps += [stamps[i]] if aligned else []
+    latest = resolve_inside(directory, proto.model_checkpoint_path, path)
+    if latest is None and not paths:
+        return None
     return CheckpointState(
-        model_checkpoint_path=_absolute(proto.model_checkpoint_path, directory),
-        all_model_checkpoint_paths=[_absolute(p, directory) for p in proto.all_model_checkpoint_paths],
-        all_model_checkpoint_timestamps=list(proto.all_model_checkpoint_timestamps),
+        model_checkpoint_path=latest if latest is not None else paths[-1],
+        all_model_checkpoint_paths=paths,
+        all_model_checkpoint_timestamps=kept_stamps if aligned else stamps,
         last_preserved_timestamp=proto.last_preserved_timestamp,
     )
 

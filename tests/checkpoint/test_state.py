@@ -28,11 +28,32 @@ def test_reads_what_tensorflow_checkpoint_manager_writes(tmp_path):
     assert got.last_preserved_timestamp == 1795369330.834732
 
 
-def test_absolute_paths_are_kept_and_timestamps_optional(tmp_path):
-    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "/elsewhere/model.ckpt-9"\n')
+def test_absolute_paths_inside_are_kept_and_timestamps_optional(tmp_path):
+    (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "{tmp_path}/model.ckpt-9"\n')
     got = state.get_checkpoint_state(str(tmp_path))
-    assert got.model_checkpoint_path == "/elsewhere/model.ckpt-9"
+    assert got.model_checkpoint_path == str(tmp_path / "model.ckpt-9")
     assert got.all_model_checkpoint_paths == [] and got.all_model_checkpoint_timestamps == []
+
+
+def test_paths_outside_the_directory_are_dropped_with_a_warning(tmp_path):
+    """A state file cannot point us elsewhere (issue 14 items 2, 6): the entry is named, then ignored."""
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "http://127.0.0.1:9/x/model.ckpt-9"\n'
+        'all_model_checkpoint_paths: "/elsewhere/model.ckpt-7"\n'
+        'all_model_checkpoint_paths: "model.ckpt-8"\n'
+        'all_model_checkpoint_paths: "http://127.0.0.1:9/x/model.ckpt-9"\n'
+        'all_model_checkpoint_timestamps: 7.0\nall_model_checkpoint_timestamps: 8.0\n'
+        'all_model_checkpoint_timestamps: 9.0\n')
+    with pytest.warns(RuntimeWarning) as caught:
+        got = state.get_checkpoint_state(str(tmp_path))
+    text = "\n".join(str(w.message) for w in caught)
+    assert "'/elsewhere/model.ckpt-7'" in text and "'http://127.0.0.1:9/x/model.ckpt-9'" in text
+    assert got.all_model_checkpoint_paths == [str(tmp_path / "model.ckpt-8")]
+    assert got.model_checkpoint_path == str(tmp_path / "model.ckpt-8")  # the newest one left
+    assert got.all_model_checkpoint_timestamps == [8.0]
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "../victim/model.ckpt-1"\n')
+    with pytest.warns(RuntimeWarning, match=r"'\.\./victim/model.ckpt-1'"):
+        assert state.get_checkpoint_state(str(tmp_path)) is None
 
 
 def test_no_state_file_means_none(tmp_path):
