@@ -1,7 +1,8 @@
 """``orchestrator``: train, validate, inspect, ls and export from the command line.
 
-Exit codes (``orchestrator.exit_codes``): 0 done, 1 failed, 2 bad input (config, usage,
-a path that does not exist), 3 preempted with an emergency checkpoint saved.
+Exit codes (``orchestrator.exit_codes``): 0 done (final checkpoint committed), 1 failed,
+2 bad input (config, usage, data, a path, a checkpoint's contents, a checkpoint directory
+that is not writable or is in use by another run), 3 preempted with nothing lost.
 
 Heavy imports (Ray, the runtime, the checkpoint reader) happen inside the command that
 needs them, so ``validate`` and ``--help`` are instant and a bad config starts nothing.
@@ -18,9 +19,10 @@ import sys
 from typing import Any, Sequence
 
 from orchestrator import __version__
-from orchestrator.config import (ConfigError, JobConfig, dump_config, error_at, load_config, parse_options,
+from orchestrator.config import (JobConfig, dump_config, error_at, load_config, parse_options,
                                  redact)
-from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from orchestrator.errors import BadInputError
+from orchestrator.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, exit_code_for
 from orchestrator.units import human_bytes
 
 logger = logging.getLogger("orchestrator")
@@ -29,7 +31,7 @@ CONFIG_DUMP = "config.yaml"
 LOG_FILE = "train.log"
 
 
-class _BadInput(Exception):
+class _BadInput(BadInputError):
     """A usage problem found after parsing (exit 2)."""
 
 
@@ -77,7 +79,10 @@ def _load_checked(args: argparse.Namespace, run_checks: Callable[[JobConfig], An
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.cluster.preflight import import_factories
 
+    from orchestrator.checkpoint.claim import check_directory
+
     cfg, _ = _load_checked(args, import_factories)
+    check_directory(cfg.checkpoint.dir, cfg.checkpoint.storage_options)  # read-only: e.g. a file, not a directory
     print(f"OK: {_describe_job(cfg)}")
     if args.show:
         print(dump_config(cfg), end="")
@@ -149,6 +154,7 @@ def _setup_logging(cfg: JobConfig) -> list[logging.Handler]:
         handler.addFilter(_RedactFilter())
         root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # the checkpoint library warns (e.g. a state-file entry ignored): into the log too
     return [console, logfile]
 
 
@@ -165,22 +171,29 @@ def _prepare_run_dir(cfg: JobConfig) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.cluster.preflight import preflight
-    from orchestrator.cluster.recipe import check_data
+    from orchestrator.cluster import startup
 
-    def checks(cfg: JobConfig) -> Any:
-        check_data(cfg, args.config)  # mnist counted without loading it
-        return preflight(cfg)         # plug-ins and data: bad input too, exit 2 before anything starts
-
-    cfg, prepared = _load_checked(args, checks)
-    _prepare_run_dir(cfg)
-    handlers = _setup_logging(cfg)
+    startup.install()  # from here on SIGINT/SIGTERM stop the job cleanly, never a traceback or orphaned Ray
     try:
-        return _run(cfg, prepared.dataset)
+        from orchestrator.cluster.preflight import preflight
+        from orchestrator.cluster.recipe import check_data
+
+        def checks(cfg: JobConfig) -> Any:
+            check_data(cfg, args.config)  # mnist counted without loading it
+            return preflight(cfg)         # plug-ins and data: bad input too, exit 2 before anything starts
+
+        cfg, prepared = _load_checked(args, checks)
+        with startup.claim(cfg):  # a bad resume path, an unwritable or busy checkpoint.dir: exit 2, nothing written
+            _prepare_run_dir(cfg)
+            handlers = _setup_logging(cfg)
+            try:
+                return _run(cfg, prepared.dataset)
+            finally:
+                for handler in handlers:
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
     finally:
-        for handler in handlers:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        startup.uninstall()
 
 
 def _run(cfg: JobConfig, dataset: Any = None) -> int:
@@ -191,22 +204,40 @@ def _run(cfg: JobConfig, dataset: Any = None) -> int:
     reporter = Reporter.from_config(cfg)
     try:
         result = run_job(cfg, reporter=reporter, dataset=dataset)
-    except KeyboardInterrupt:
-        reporter.close(status="interrupted")
+    except KeyboardInterrupt:  # a second Ctrl-C while the emergency checkpoint was being written
+        reporter.close(_committed_on_disk(cfg), status="interrupted",
+                       error="interrupted before the emergency checkpoint committed")
         _error("interrupted")
         return EXIT_FAILURE
-    except Exception as exc:  # the run failed: report it, then exit 1
+    except Exception as exc:  # the run failed: report it, then exit 1 (2 when the input is at fault)
         logger.exception("job %s failed", cfg.name)
-        reporter.close(status="failed")
+        message = f"{type(exc).__name__}: {exc}"
+        reporter.close(getattr(exc, "result", None) or _committed_on_disk(cfg), status="failed", error=message)
         log_path = os.path.join(cfg.run_dir, LOG_FILE)
-        _error(f"job {cfg.name} failed: {type(exc).__name__}: {exc} (traceback in {log_path})")
-        return EXIT_FAILURE
+        _error(f"job {cfg.name} failed: {message} (traceback in {log_path})")
+        return exit_code_for(exc)
     reporter.close(result)
     if result.preempted:
         saved = f"checkpoint {result.last_checkpoint} saved" if result.last_checkpoint else "no checkpoint yet"
         logger.warning("preempted (%s): run the same command to resume", saved)
         return EXIT_PREEMPTED
     return EXIT_OK
+
+
+def _committed_on_disk(cfg: JobConfig) -> Any:
+    """What the checkpoint directory's state file says is committed, for the summary of a failed run."""
+    import types
+
+    from orchestrator.checkpoint.state import get_checkpoint_state
+
+    try:
+        current = get_checkpoint_state(cfg.checkpoint.dir, storage_options=cfg.checkpoint.storage_options)
+    except Exception:  # the summary must still be written
+        current = None
+    if current is None:
+        return None
+    return types.SimpleNamespace(checkpoints=list(current.all_model_checkpoint_paths),
+                                 last_checkpoint=current.model_checkpoint_path)
 
 
 # ---------------------------------------------------------------------------- check-model
@@ -251,6 +282,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- ls
 LS_COLUMNS = ("STEP", "TIME (UTC)", "SIZE", "SHARDS", "KEPT BECAUSE", "PREFIX")
+LS_PROBLEM_COLUMN = "PROBLEM"  # shown only when a checkpoint cannot be restored
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -275,15 +307,17 @@ def _iso_time(timestamp: float | None) -> str:
 def _info_dict(info: Any) -> dict:
     return {"step": info.step, "prefix": info.prefix, "timestamp": info.timestamp,
             "time_utc": _iso_time(info.timestamp), "size_bytes": info.size_bytes,
-            "num_shards": info.num_shards, "reasons": list(info.reasons)}
+            "num_shards": info.num_shards, "reasons": list(info.reasons), "problem": info.problem}
 
 
 def format_checkpoint_table(infos: Sequence[Any]) -> str:
-    """The ``ls`` table: one row per committed checkpoint, oldest first."""
+    """The ``ls`` table: one row per checkpoint, oldest first; a PROBLEM column flags broken ones."""
+    columns = LS_COLUMNS + ((LS_PROBLEM_COLUMN,) if any(i.problem for i in infos) else ())
     rows = [(str(i.step), _iso_time(i.timestamp), human_bytes(i.size_bytes), str(i.num_shards),
-             ", ".join(i.reasons) or "-", os.path.basename(i.prefix)) for i in infos]
-    widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(LS_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths)).rstrip()]
+             ", ".join(i.reasons) or "-", os.path.basename(i.prefix), i.problem or "-")[:len(columns)]
+            for i in infos]
+    widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
@@ -410,12 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, _BadInput, FileNotFoundError) as exc:
-        _error(str(exc))
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # any other failure: one line, exit 1
-        _error(f"{type(exc).__name__}: {exc}")
-        return EXIT_FAILURE
+    except Exception as exc:  # one line; 2 for bad input, 1 for any other failure
+        code = exit_code_for(exc)
+        _error(str(exc) if code != EXIT_FAILURE else f"{type(exc).__name__}: {exc}")
+        return code
 
 
 if __name__ == "__main__":

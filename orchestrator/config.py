@@ -51,7 +51,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema
 
 from orchestrator import rules
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadInputError
 from orchestrator.rules import Bound
 
 __all__ = [
@@ -65,7 +65,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- errors
-class ConfigError(OrchestratorError, ValueError):
+class ConfigError(BadInputError, ValueError):
     """One problem in a job config, located by file (or ``--set`` argument), line and key."""
 
     def __init__(self, message: str, file: str | None = None, line: int | None = None,
@@ -486,6 +486,12 @@ class CheckpointConfig(_Group):
     keep_best: Optional[int] = _key(None, "keep the k best checkpoints by best_metric", rules.KEEP_BEST)
     async_save: bool = _key(True, "write checkpoints in the background while training continues")
     fsync: bool = _key(True, "fsync data files before the checkpoint is committed")
+    max_consecutive_failures: int = _key(
+        3, "saves in a row that may fail (each keeps the previous checkpoint as latest) before the job stops "
+           "with exit 1", Bound(ge=1))
+    lease_timeout_s: float = _key(
+        60.0, "object stores: a run's lease on checkpoint.dir is taken over after this long without a heartbeat "
+              "(local directories use a lock the OS releases when the run ends)", Bound(gt=0))
 
     @model_validator(mode="after")
     def _combinations(self):

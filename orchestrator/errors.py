@@ -4,6 +4,10 @@
 subclass raised in a Ray actor reaches the driver intact. Each package has its own base
 on top: ``checkpoint.errors.CheckpointError`` and ``cluster.errors.ClusterError``;
 subclasses with more fields override ``__reduce__`` to carry them.
+
+``BadInputError`` marks the errors caused by what the user gave (the config, the data,
+a path, the contents of a checkpoint): running again cannot help, the input must change.
+The CLI exits with 2 for these and 1 for every other failure (``exit_codes``).
 """
 
 from __future__ import annotations
@@ -21,3 +25,11 @@ class OrchestratorError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class BadInputError(OrchestratorError):
+    """The input is wrong (config, data, path, checkpoint contents): exit code 2, no retry."""
+
+
+class InvalidArgumentError(BadInputError, ValueError, TypeError):
+    """A Python API argument is out of range or of the wrong kind (a ``ValueError``/``TypeError`` too)."""

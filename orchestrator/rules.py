@@ -4,7 +4,7 @@ A YAML user meets a rule through ``orchestrator/config.py`` (the schema turns ea
 into pydantic limits, hence into the JSON Schema and docs/config.md); a Python user meets
 the same rule, in the same words, when calling the library directly
 (``CheckpointManager(max_to_keep=-1)``, ``make_optimizer(...)``, ``Sampler(...)``,
-``FailurePolicy(...)``). This module is a leaf: it imports nothing from the project, so
+``FailurePolicy(...)``). This module is a leaf: it imports nothing from the project but the error base, so
 ``checkpoint/`` and ``engine/`` can use it without depending on the config layer.
 
 The upper limits are not taste: each one stops a value that would exhaust memory or time
@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from orchestrator.errors import InvalidArgumentError
 
 # A value larger than any real job uses; protects memory and time from a typo.
 MAX_STEPS = 10**9
@@ -64,7 +66,7 @@ class Bound:
     def problem(self, value: Any) -> str:
         return f"must be {self.text} (got {value!r})"
 
-    def check(self, name: str, value: Any, error: type[Exception] = ValueError) -> None:
+    def check(self, name: str, value: Any, error: type[Exception] = InvalidArgumentError) -> None:
         """Raise ``error("<name>: must be ... (got ...)")`` unless ``value`` is in range."""
         if not self.holds(value):
             raise error(f"{name}: {self.problem(value)}")
@@ -83,7 +85,7 @@ BEST_MODES = ("min", "max")
 KEEP_BEST_NEEDS_METRIC = "needs best_metric (the reported metric to rank checkpoints by, e.g. loss)"
 
 
-def check_best_mode(mode: Any, error: type[Exception] = ValueError) -> None:
+def check_best_mode(mode: Any, error: type[Exception] = InvalidArgumentError) -> None:
     if mode not in BEST_MODES:
         raise error(f"best_mode: must be one of {', '.join(BEST_MODES)} (got {mode!r})")
 
@@ -134,7 +136,7 @@ MAX_FAILURES = Bound(ge=UNLIMITED)          # -1 = unlimited
 BACKOFF_S = Bound(ge=0)
 
 
-def check_worker_range(min_workers: int, max_workers: int, error: type[Exception] = ValueError) -> None:
+def check_worker_range(min_workers: int, max_workers: int, error: type[Exception] = InvalidArgumentError) -> None:
     """``1 <= workers.min <= workers.max``."""
     WORKERS.check("workers.min", min_workers, error)
     WORKERS.check("workers.max", max_workers, error)

@@ -173,13 +173,13 @@ def test_inspect_unknown_tensor_names_it(ckpt_dir):
     assert proc.returncode != EXIT_OK and "no/such/tensor" in proc.stderr
 
 
-def test_inspect_corrupt_index_fails_with_exit_1(ckpt_dir):
+def test_inspect_corrupt_index_is_bad_input(ckpt_dir):
     index = ckpt_dir / "model.ckpt-30.index"
     raw = bytearray(index.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     index.write_bytes(bytes(raw))
     proc = run_cli("inspect", str(ckpt_dir / "model.ckpt-30"))
-    assert proc.returncode == EXIT_FAILURE
+    assert proc.returncode == EXIT_BAD_INPUT  # a checkpoint's contents are input, like a missing shard
     assert "model.ckpt-30.index" in proc.stderr and proc.stderr.startswith("error: ")
 
 

@@ -22,10 +22,11 @@ from orchestrator.checkpoint.errors import (
     CorruptCheckpointError,
     CRCMismatchError,
     InvalidCheckpointWriteError,
+    SaveFailedError,
+    StateUpdateError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from orchestrator.checkpoint.commit import SaveFailedError
 from orchestrator.checkpoint.export import Exported, export_checkpoint, export_safetensors
 from orchestrator.checkpoint.manager import CheckpointInfo, CheckpointManager, list_checkpoints
 from orchestrator.checkpoint.reader import CheckpointReader, TensorEntry, list_variables, load_checkpoint
@@ -69,6 +70,7 @@ __all__ = [
     "Saver",
     "RestoreMismatchError",
     "SaveFailedError",
+    "StateUpdateError",
     "CheckpointManager",
     "CheckpointInfo",
     "list_checkpoints",

@@ -1,5 +1,7 @@
 """The atomic commit protocol shared by ``Saver``, ``CheckpointManager`` and the runtime.
 
+(``pipeline`` plans and writes the shards; this module commits, deletes, cleans up and recovers.)
+
 A checkpoint ``P`` is written in this order; a crash between any two steps leaves
 the directory readable, with either the new or the previous checkpoint as latest:
 
@@ -17,17 +19,14 @@ the directory readable, with either the new or the previous checkpoint as latest
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from orchestrator.checkpoint import bundle, reader, state
-from orchestrator.checkpoint.errors import CheckpointError, CheckpointNotFoundError
+from orchestrator.checkpoint.errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
 from orchestrator.checkpoint.storage import TEMP_MARKER, Storage
 
 PhaseHook = Callable[[str], None]
@@ -36,22 +35,6 @@ _DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<shard>\d{5,})-of-(?P<count>\d{
 _TEMP_RE = re.compile(re.escape(TEMP_MARKER) + r"[0-9a-f]{12}$")
 _STEP_RE = re.compile(r"-(?P<step>\d+)$")
 INDEX_SUFFIX = ".index"
-
-
-class SaveFailedError(CheckpointError):
-    """A save failed and nothing of it was committed.
-
-    ``failures`` maps each failed shard id (or ``"index"``) to its cause.
-    """
-
-    def __init__(self, prefix: str, failures: Mapping[Any, BaseException]):
-        self.prefix = prefix
-        self.failures = dict(failures)
-        lines = [f"  shard {k}: {type(e).__name__}: {e}" for k, e in sorted(self.failures.items(), key=str)]
-        super().__init__(f"save of {prefix} failed, nothing committed:\n" + "\n".join(lines))
-
-    def __reduce__(self):
-        return (type(self), (self.prefix, self.failures))
 
 
 # ---------------------------------------------------------------------- naming
@@ -96,61 +79,7 @@ class DirectoryListing:
             self.data.setdefault(parts[0], []).append((path, parts[1], parts[2]))
 
 
-# ---------------------------------------------------------------------- step 1: shards
-def assign_shards(tensors: Mapping[str, Any], num_shards: int) -> list[dict[str, Any]]:
-    """Spread tensors over shards balanced by bytes: largest first to the lightest shard."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    shards: list[dict[str, Any]] = [{} for _ in range(num_shards)]
-    loads = [0] * num_shards
-    for name in sorted(tensors, key=lambda n: (-_nbytes(tensors[n]), n)):
-        lightest = loads.index(min(loads))
-        shards[lightest][name] = tensors[name]
-        loads[lightest] += _nbytes(tensors[name])
-    return shards
-
-
-def _nbytes(value: Any) -> int:
-    return int(getattr(value, "nbytes", 0) or np.asarray(value).nbytes)
-
-
-def write_shard(prefix: str, shard_id: int, tensors: Mapping[str, Any], num_shards: int,
-                storage: Storage) -> "bundle.ShardResult":
-    """Write one data shard; on any error remove what was written and re-raise."""
-    writer = bundle.ShardWriter(prefix, shard_id, num_shards, storage)
-    try:
-        for name, value in tensors.items():
-            writer.add(name, value)
-        return writer.finish()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.abort()
-        raise
-
-
-def write_shards(prefix: str, shard_tensors: Sequence[Mapping[str, Any]],
-                 storage: Storage) -> list["bundle.ShardResult"]:
-    """Write every shard in parallel threads; all succeed, or none is left behind.
-
-    Raises ``SaveFailedError`` listing each failed shard and its cause.
-    """
-    num_shards = len(shard_tensors)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(num_shards, 8)) as pool:
-        futures = {i: pool.submit(write_shard, prefix, i, t, num_shards, storage)
-                   for i, t in enumerate(shard_tensors)}
-    results, failures = [], {}
-    for shard_id, future in futures.items():
-        error = future.exception()
-        if error is None:
-            results.append(future.result())
-        else:
-            failures[shard_id] = error
-    if failures:
-        remove_data(results, storage)
-        raise SaveFailedError(prefix, failures)
-    return results
-
-
+# ---------------------------------------------------------------------- step 1: shards (see ``pipeline``)
 def remove_data(results: Sequence["bundle.ShardResult"], storage: Storage) -> None:
     """Best-effort removal of shards that will not be committed."""
     for result in results:
@@ -183,6 +112,7 @@ def commit_index(prefix: str, results: Sequence["bundle.ShardResult"], storage: 
     try:
         check_shards(prefix, results, storage)
         bundle.write_index(prefix, results, storage)
+        storage.sync_dir(storage.dirname(prefix))  # the shards' new names must be durable too
     except SaveFailedError:
         remove_data(results, storage)
         raise
@@ -191,7 +121,6 @@ def commit_index(prefix: str, results: Sequence["bundle.ShardResult"], storage: 
             storage.rm(index_path(prefix))
         remove_data(results, storage)
         raise SaveFailedError(prefix, {"index": e}) from e
-    storage.sync_dir(storage.dirname(prefix))
 
 
 # ---------------------------------------------------------------------- step 4: deletions
@@ -248,9 +177,15 @@ def cleanup_uncommitted(directory: str, storage: Storage, storage_options: Mappi
     """
     removed = []
     for path in uncommitted_files(directory, storage, storage_options):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             storage.rm(path)
-            removed.append(path)
+        except FileNotFoundError:
+            continue
+        except IsADirectoryError:  # a directory with a data file's name: not ours to remove
+            warnings.warn(f"{path} is a directory, not a checkpoint data file; left alone", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        removed.append(path)
     return removed
 
 

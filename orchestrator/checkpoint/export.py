@@ -24,11 +24,12 @@ from orchestrator.checkpoint.errors import CheckpointError
 from orchestrator.checkpoint.safetensors_file import METADATA_STRUCTURE, dtype_code, encode_safetensors
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.structure import STRUCTURE_FORMAT, STRUCTURE_KEY, read_structure
+from orchestrator.errors import BadInputError
 
 __all__ = ["ExportError", "Exported", "encode_safetensors", "export_checkpoint", "export_safetensors"]
 
 
-class ExportError(CheckpointError, ValueError):
+class ExportError(CheckpointError, BadInputError, ValueError):
     """The checkpoint cannot be exported (a model tensor is missing or has no safetensors dtype)."""
 
 

@@ -30,17 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from orchestrator import rules
-from orchestrator.checkpoint import commit, reader, state
+from orchestrator.checkpoint import commit, pipeline, reader, state
 from orchestrator.checkpoint.commit import PhaseHook
 from orchestrator.checkpoint.containment import is_inside, resolve_inside
-from orchestrator.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from orchestrator.checkpoint.errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError,
+                                            StateUpdateError)
 from orchestrator.checkpoint.retention import (Action, BestK, EveryNHours, LatestN, ManagerRetention,
                                                SweepResult, Tracked)
 from orchestrator.checkpoint.saver import Saver, VarList, restore_variables, step_value
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.variables import Variable
+from orchestrator.errors import InvalidArgumentError
 
 SIDECAR_SUFFIX = ".manager.json"
+CORRUPT_MARKER = ".corrupt-"
+_TRANSIENT = (PermissionError, ConnectionError, TimeoutError)  # a read that failed, not a corrupt checkpoint
 SIDECAR_FORMAT = "orchestrator.manager/1"
 
 
@@ -54,6 +58,7 @@ class CheckpointInfo:
     size_bytes: int
     num_shards: int
     reasons: list[str] = field(default_factory=list)
+    problem: str | None = None  # why this checkpoint cannot be restored (unreadable index, missing shard)
 
 
 # ---------------------------------------------------------------------- sidecar
@@ -101,17 +106,40 @@ def read_sidecar(storage: Storage, directory: str, latest_filename: str = "check
 # ---------------------------------------------------------------------- listing
 def list_checkpoints(directory: str, storage_options: Mapping | None = None,
                      latest_filename: str = "checkpoint") -> list[CheckpointInfo]:
-    """Every committed checkpoint in ``directory`` with why it is kept; changes nothing."""
+    """Every checkpoint index in ``directory`` with why it is kept, and what is wrong with it; changes nothing.
+
+    Raises ``CheckpointNotFoundError`` if the directory (or its bucket) does not exist.
+    """
     storage, directory = Storage.for_path(directory, storage_options)
+    _require_directory(storage, directory)
     current, _ = commit.read_state(directory, storage_options, latest_filename)
     sidecar = read_sidecar(storage, directory, latest_filename)
     listing = commit.DirectoryListing.of(directory, storage)
     stamps = commit.state_timestamps(current)
-    rows = [_info(p, storage, listing, stamps, sidecar, current) for p in listing.indexes]
+    rows = [_info(p, storage, listing, stamps, sidecar, current, storage_options) for p in listing.indexes]
     return sorted(rows, key=lambda r: (r.step is None, r.step or 0, r.prefix))
 
 
-def _info(prefix, storage, listing, stamps, sidecar, current) -> CheckpointInfo:
+def _require_directory(storage: Storage, directory: str) -> None:
+    if storage.isdir(directory):
+        return
+    if storage.is_local or storage.exists(directory):
+        what = "is not a directory" if storage.exists(directory) else "does not exist"
+        raise CheckpointNotFoundError(f"checkpoint directory {directory} {what}")
+    bucket = directory.split("://", 1)[0] + "://" + directory.split("://", 1)[1].split("/", 1)[0]
+    if not storage.exists(bucket):  # an empty prefix in an existing bucket is just an empty directory
+        raise CheckpointNotFoundError(f"checkpoint directory {directory}: bucket {bucket} does not exist")
+
+
+def _problem(prefix: str, storage: Storage, storage_options: Mapping | None) -> str | None:
+    try:
+        commit.check_committed(prefix, storage, storage_options)
+    except (CheckpointError, OSError) as e:
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    return None
+
+
+def _info(prefix, storage, listing, stamps, sidecar, current, storage_options=None) -> CheckpointInfo:
     name = Storage.basename(prefix)
     entry = sidecar.entries.get(name, {})
     data = listing.data.get(prefix, [])
@@ -123,7 +151,8 @@ def _info(prefix, storage, listing, stamps, sidecar, current) -> CheckpointInfo:
         step=commit.step_of(prefix), prefix=prefix, timestamp=timestamp,
         size_bytes=sum(_size(storage, f) for f in files),
         num_shards=max((count for _, _, count in data), default=0),
-        reasons=_reasons(prefix, name, entry, sidecar, current))
+        reasons=_reasons(prefix, name, entry, sidecar, current),
+        problem=_problem(prefix, storage, storage_options))
 
 
 def _reasons(prefix, name, entry, sidecar, current) -> list[str]:
@@ -189,14 +218,14 @@ class CheckpointManager:
              metrics: Mapping[str, float] | None = None, num_shards: int = 1) -> str:
         """Write, commit and apply retention (single process); returns the prefix.
 
-        Raises ``SaveFailedError`` if any shard fails; then nothing is committed and
-        the previous latest checkpoint stays latest.
+        Raises ``SaveFailedError`` if any shard or the index fails; then nothing is committed
+        and the previous latest checkpoint stays latest. ``StateUpdateError`` if the
+        checkpoint committed but the sidecar or state file could not be written.
         """
         tensors = tensors_or_saver.tensors() if isinstance(tensors_or_saver, Saver) else dict(tensors_or_saver)
         prefix = self.prefix_for(step)
         self._uncommit_existing(prefix)
-        shards = commit.assign_shards(tensors, num_shards)
-        results = commit.write_shards(prefix, shards, self._storage)
+        results = pipeline.write_shards(self._storage, prefix, tensors, num_shards)
         self._phase("shards_written")
         return self.commit(step, results, metrics)
 
@@ -204,24 +233,42 @@ class CheckpointManager:
         """(coordinator) Commit shards written by other processes: index, state, retention.
 
         NOTE: call only on the coordinator, after every shard's writer reported success.
+        Raises ``SaveFailedError`` (nothing committed) or ``StateUpdateError`` (committed,
+        bookkeeping failed), as ``save``.
         """
         prefix = self.prefix_for(step)
         commit.commit_index(prefix, results, self._storage)
         self._phase("index_written")
-        self._record(prefix, {k: float(v) for k, v in (metrics or {}).items()})
+        try:
+            self._record(prefix, {k: float(v) for k, v in (metrics or {}).items()})
+        except OSError as exc:  # after the commit point: never a raw OSError, never "nothing committed"
+            raise StateUpdateError(prefix, exc) from exc
         return prefix
 
     def restore_or_initialize(self, restore_fn: Saver | VarList | Callable[[str], Any] | None = None) -> str | None:
-        """Restore the newest checkpoint that verifies; returns its prefix, or None if none does.
+        """Restore the newest checkpoint that verifies; returns its prefix, or None if there is none.
 
-        A corrupt checkpoint is skipped with a warning and left in place for inspection.
+        A corrupt checkpoint (a CRC mismatch, a truncated or missing file) is skipped with a
+        warning and, once an older one verified, renamed aside for inspection: each of its
+        files gets ``.corrupt-<UTC time>`` appended, so a later save of the same step cannot
+        overwrite the evidence. If checkpoints exist but none verifies, nothing is renamed
+        and ``CorruptCheckpointError`` names each one: starting over silently would lose them.
         ``restore_fn``: a Saver, Variables (list/dict), a callable taking the prefix, or
         None (only verify and return the prefix).
         """
+        corrupt: list[tuple[str, BaseException]] = []
         for prefix in self._restore_candidates():
-            if self._verifies(prefix):
+            problem = self._verification_problem(prefix)
+            if problem is None:
+                self._quarantine([p for p, e in corrupt if not isinstance(e, _TRANSIENT)])
                 _apply_restore(restore_fn, prefix, self.storage_options)
                 return prefix
+            corrupt.append((prefix, problem))
+        if corrupt:
+            listed = "; ".join(f"{p}: {type(e).__name__}: {e}" for p, e in corrupt)
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.directory} verifies ({listed}). They are left in place; to start "
+                f"over set resume: never, or point resume: at a good checkpoint")
         return None
 
     def cleanup_uncommitted(self) -> list[str]:
@@ -354,15 +401,29 @@ class CheckpointManager:
         ordered += [p for p in reversed(self._preserved) if p not in ordered]
         return ordered
 
-    def _verifies(self, prefix: str) -> bool:
+    def _verification_problem(self, prefix: str) -> BaseException | None:
         try:
             reader.CheckpointReader(prefix, storage_options=self.storage_options).verify()
-            return True
+            return None
         except (CorruptCheckpointError, CheckpointNotFoundError, OSError) as e:
-            warnings.warn(f"checkpoint {prefix} failed verification and is left in place for inspection "
-                          f"({type(e).__name__}: {e}); falling back to the previous kept checkpoint",
-                          RuntimeWarning, stacklevel=3)
-            return False
+            warnings.warn(f"checkpoint {prefix} failed verification ({type(e).__name__}: {e}); "
+                          f"falling back to the previous kept checkpoint", RuntimeWarning, stacklevel=3)
+            return e
+
+    def _quarantine(self, prefixes: list[str]) -> None:
+        """Rename each file of corrupt checkpoints to ``<file>.corrupt-<UTC time>``, then forget them."""
+        if not prefixes:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        listing = commit.DirectoryListing.of(self.directory, self._storage)
+        for prefix in prefixes:
+            files = [commit.index_path(prefix)] + [path for path, _, _ in listing.data.get(prefix, [])]
+            for path in files:
+                if self._storage.exists(path):
+                    self._storage.rename(path, f"{path}{CORRUPT_MARKER}{stamp}")
+            warnings.warn(f"checkpoint {prefix} is corrupt: its files were renamed to *{CORRUPT_MARKER}{stamp} "
+                          f"for inspection", RuntimeWarning, stacklevel=3)
+        self._load()  # the state file no longer lists them
 
     # -------------------------------------------------------------- helpers
     def _phase(self, name: str) -> None:
@@ -384,7 +445,7 @@ class CheckpointManager:
 def _make_retention(max_to_keep, every_n_hours, best_metric, best_mode, keep_best) -> ManagerRetention:
     """The policies; each checks its own arguments (the rules shared with the job config)."""
     if keep_best is not None and not best_metric:
-        raise ValueError(f"keep_best: {rules.KEEP_BEST_NEEDS_METRIC}")
+        raise InvalidArgumentError(f"keep_best: {rules.KEEP_BEST_NEEDS_METRIC}")
     rules.check_best_mode(best_mode)
     best = BestK(best_metric, keep_best, best_mode) if keep_best is not None else None
     hours = EveryNHours(every_n_hours) if every_n_hours is not None else None
@@ -405,4 +466,5 @@ def _apply_restore(restore_fn, prefix: str, storage_options: Mapping | None) -> 
     elif callable(restore_fn):
         restore_fn(prefix)
     else:
-        raise TypeError(f"restore_fn must be a Saver, Variables or a callable, got {type(restore_fn).__name__}")
+        raise InvalidArgumentError(
+            f"restore_fn must be a Saver, Variables or a callable, got {type(restore_fn).__name__}")

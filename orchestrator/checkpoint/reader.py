@@ -30,6 +30,7 @@ from orchestrator.checkpoint.errors import (
 )
 from orchestrator.checkpoint.protos import BundleEntryProto, BundleHeaderProto
 from orchestrator.checkpoint.storage import LocalFile, Storage
+from orchestrator.errors import InvalidArgumentError
 
 CONSUMER_VERSION = 1  # we read what TF's BundleReader reads (kTensorBundleVersion)
 READ_CHUNK = 1024 * 1024  # local reads of 2 chunks or more are split over the reading threads
@@ -185,6 +186,8 @@ class CheckpointReader:
             raise CheckpointNotFoundError(
                 legacy.v1_message(self._storage, self.prefix)
                 or f"no checkpoint at {self.prefix}: index file {self.index_path} not found") from None
+        except IsADirectoryError:
+            raise CorruptCheckpointError(f"{self.index_path} is a directory, not a checkpoint index file") from None
 
     def _numpy_dtype(self, entry: TensorEntry) -> np.dtype:
         if entry.tf_dtype == dtypes.DT_VARIANT:
@@ -207,13 +210,15 @@ class CheckpointReader:
                 needed = f" (needed for tensor {tensor!r})" if tensor else ""
                 raise CheckpointNotFoundError(
                     f"{path}: data shard {shard_id} of checkpoint {self.prefix} is missing{needed}") from None
+            except IsADirectoryError:
+                raise CorruptCheckpointError(f"{path}: data shard {shard_id} is a directory, not a file") from None
         return self._file_sizes[shard_id]
 
     def _local_file(self, shard_id: int) -> LocalFile:
         """The shard's data file, opened once and kept open (raises FileNotFoundError)."""
         with self._open_lock:
             if not self._closer.alive:
-                raise ValueError(f"checkpoint reader for {self.prefix} is closed")
+                raise InvalidArgumentError(f"checkpoint reader for {self.prefix} is closed")
             opened = self._open_files.get(shard_id)
             if opened is None:
                 path = bundle.data_filename(self.prefix, shard_id, self.num_shards)

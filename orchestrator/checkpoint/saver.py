@@ -20,23 +20,24 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from orchestrator.checkpoint import commit, reader, state, structure as structure_lib
-from orchestrator.checkpoint.errors import CheckpointError
+from orchestrator.checkpoint import commit, pipeline, reader, state, structure as structure_lib
+from orchestrator.checkpoint.errors import CheckpointError, StateUpdateError
 from orchestrator.checkpoint.retention import Action, SaverRetention, Tracked
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.variables import Variable
+from orchestrator.errors import BadInputError, InvalidArgumentError
 
 VarList = Sequence[Variable] | Mapping[str, Variable]
 
 
-class RestoreMismatchError(CheckpointError, ValueError):
+class RestoreMismatchError(CheckpointError, BadInputError, ValueError):
     """Variables do not match the checkpoint (missing keys, shapes or dtypes); nothing was assigned."""
 
 
 def normalize_var_list(var_list: VarList | None) -> dict[str, Variable]:
     """``{checkpoint key: Variable}`` for a list or dict ``var_list``."""
     if var_list is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             "Saver needs var_list: a list of Variables (saved under their names), e.g. "
             "Saver(model.variables), or a dict {checkpoint key: Variable}, e.g. "
             "Saver({'dense/kernel': kernel}); there is no global variable collection to default to")
@@ -53,9 +54,9 @@ def _checked_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Variable]:
     result: dict[str, Variable] = {}
     for key, var in pairs:
         if not isinstance(var, Variable):
-            raise TypeError(f"var_list entry {key!r} is a {type(var).__name__}, expected a Variable")
+            raise InvalidArgumentError(f"var_list entry {key!r} is a {type(var).__name__}, expected a Variable")
         if key in result:
-            raise ValueError(f"var_list has two variables saved under the same key {key!r}")
+            raise InvalidArgumentError(f"var_list has two variables saved under the same key {key!r}")
         result[key] = var
     return result
 
@@ -126,7 +127,7 @@ class Saver:
         self.var_map = normalize_var_list(var_list)
         self.structure = None if structure is None else self._checked_structure(structure)
         if num_shards < 1:
-            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+            raise InvalidArgumentError(f"num_shards must be >= 1, got {num_shards}")
         self.num_shards = num_shards
         self.save_relative_paths = save_relative_paths
         self.storage_options = dict(storage_options) if storage_options else None
@@ -139,10 +140,10 @@ class Saver:
         record = structure_lib.record_for(structure)
         missing = [name for name in record["variables"] if name not in self.var_map]
         if missing:
-            raise ValueError(f"structure lists variables the Saver does not save: {missing}; "
+            raise InvalidArgumentError(f"structure lists variables the Saver does not save: {missing}; "
                              f"saved keys: {sorted(self.var_map)}")
         if structure_lib.STRUCTURE_KEY in self.var_map:
-            raise ValueError(f"var_list uses the reserved key {structure_lib.STRUCTURE_KEY!r}")
+            raise InvalidArgumentError(f"var_list uses the reserved key {structure_lib.STRUCTURE_KEY!r}")
         return record
 
     # -------------------------------------------------------------- save
@@ -155,14 +156,20 @@ class Saver:
 
     def save(self, save_path: str, global_step: int | Variable | None = None,
              write_state: bool = True) -> str:
-        """Write a checkpoint; returns its prefix. Raises ``SaveFailedError`` (nothing committed)."""
+        """Write a checkpoint; returns its prefix.
+
+        Raises ``SaveFailedError`` if any shard or the index failed (nothing committed), or
+        ``StateUpdateError`` if the checkpoint committed but the state file update or an
+        expired checkpoint's deletion failed.
+        """
         storage, path = Storage.for_path(save_path, self.storage_options, self.fsync)
         prefix = checkpoint_prefix(path, global_step)
-        shards = commit.assign_shards(self.tensors(), self.num_shards)
-        results = commit.write_shards(prefix, shards, storage)
-        commit.commit_index(prefix, results, storage)
+        pipeline.save(storage, prefix, self.tensors(), self.num_shards)
         if write_state:
-            self._update_state(prefix, storage)
+            try:
+                self._update_state(prefix, storage)
+            except OSError as exc:  # after the commit point: the checkpoint exists, its bookkeeping failed
+                raise StateUpdateError(prefix, exc) from exc
         return prefix
 
     def _update_state(self, prefix: str, storage: Storage) -> None:

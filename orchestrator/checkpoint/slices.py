@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from orchestrator.checkpoint.protos import TensorSliceProto
+from orchestrator.errors import InvalidArgumentError
 
 FULL = -1  # the length of an extent that spans the whole dimension
 
@@ -98,16 +99,16 @@ def from_proto(proto: TensorSliceProto) -> list[Extent]:
 def make_extents(full_shape: Sequence[int], starts: Sequence[int], lengths: Sequence[int]) -> list[Extent]:
     """Validated extents; raises ``ValueError`` naming the bad dimension."""
     if not (len(full_shape) == len(starts) == len(lengths)):
-        raise ValueError(f"rank mismatch: full shape {tuple(full_shape)}, starts {tuple(starts)}, "
-                         f"lengths {tuple(lengths)}")
+        raise InvalidArgumentError(f"rank mismatch: full shape {tuple(full_shape)}, starts {tuple(starts)}, "
+                                   f"lengths {tuple(lengths)}")
     extents = []
     for d, (dim, start, length) in enumerate(zip(full_shape, starts, lengths)):
         ext = Extent(int(start), int(length))
         if ext.is_full and ext.start != 0:
-            raise ValueError(f"dimension {d}: a full extent (length -1) must start at 0, got {start}")
+            raise InvalidArgumentError(f"dimension {d}: a full extent (length -1) must start at 0, got {start}")
         lo, hi = ext.bounds(int(dim))
         if lo < 0 or hi > dim or (not ext.is_full and ext.length < 0):
-            raise ValueError(f"dimension {d}: extent start={start} length={length} outside [0, {dim})")
+            raise InvalidArgumentError(f"dimension {d}: extent start={start} length={length} outside [0, {dim})")
         extents.append(ext)
     return extents
 

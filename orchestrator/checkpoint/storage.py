@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import posixpath
+import stat
 import threading
 import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 from fsspec.core import url_to_fs
+from orchestrator.errors import InvalidArgumentError
 
 TEMP_MARKER = ".tmp-"
+_DIR_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 _OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 
 
@@ -150,7 +154,7 @@ class Storage:
     def open_local(self, path: str) -> "LocalFile":
         """Open a local file for reads at explicit offsets (``is_local`` storages only)."""
         if not self.is_local:
-            raise ValueError(f"{path}: open_local needs a local filesystem, not {self.protocol}://")
+            raise InvalidArgumentError(f"{path}: open_local needs a local filesystem, not {self.protocol}://")
         return LocalFile(self._strip(path))
 
     # ------------------------------------------------------------------ writes
@@ -202,22 +206,40 @@ class Storage:
             f.write(data)
 
     def _sync(self, f: Any) -> None:
-        if not (self.fsync and self.is_local):
+        """Make a written file durable; an error here fails the write (it must not claim durability).
+
+        Local files are fsync'd; a filesystem whose file objects have their own ``fsync``
+        (a test's fault-injecting one) gets that called. Object stores have nothing to
+        sync: an upload is durable once it completed.
+        """
+        if not self.fsync:
             return
-        f.flush()
-        with contextlib.suppress(AttributeError, OSError, ValueError):
+        if self.is_local:
+            f.flush()
             os.fsync(f.fileno())
+        elif callable(getattr(f, "fsync", None)):
+            f.flush()
+            f.fsync()
 
     def sync_dir(self, path: str) -> None:
-        """fsync a local directory so renames in it survive a power loss."""
+        """fsync a local directory so renames in it survive a power loss.
+
+        Filesystems that cannot sync a directory (EINVAL, ENOTSUP) are tolerated; an I/O
+        error is not: the rename might not survive a crash, so the write fails.
+        """
         if not (self.fsync and self.is_local):
             return
-        with contextlib.suppress(OSError):
+        try:
             fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        except OSError:
+            return  # e.g. a platform that cannot open directories
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _DIR_SYNC_UNSUPPORTED:
+                raise
+        finally:
+            os.close(fd)
 
     def rename(self, src: str, dst: str) -> None:
         if self.is_local:
@@ -312,7 +334,10 @@ class LocalFile:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._lock = threading.Lock()  # only for platforms without preadv
         try:
-            self.size = os.fstat(self._fd).st_size
+            info = os.fstat(self._fd)
+            if stat.S_ISDIR(info.st_mode):  # opening a directory succeeds; reading it would not
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            self.size = info.st_size
         except OSError:
             os.close(self._fd)
             raise

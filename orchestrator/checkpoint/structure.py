@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orchestrator.checkpoint.errors import CorruptCheckpointError, UnsupportedVersionError
+from orchestrator.errors import InvalidArgumentError
 
 STRUCTURE_KEY = "_MODEL_STRUCTURE"
 STRUCTURE_FORMAT = "orchestrator.model/1"
@@ -25,7 +26,7 @@ def make_record(spec: Mapping[str, Any], variables: Sequence[str]) -> dict:
     """The record as a dict; ``spec`` must be JSON-serializable."""
     names = [str(v) for v in variables]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate variable names in the structure record: {names}")
+        raise InvalidArgumentError(f"duplicate variable names in the structure record: {names}")
     return {"format": STRUCTURE_FORMAT, "spec": dict(spec), "variables": names}
 
 
@@ -47,11 +48,11 @@ def record_for(structure: Any) -> dict:
     if isinstance(structure, Mapping):
         unknown = sorted(set(structure) - {"spec", "variables", "format"})
         if unknown or "spec" not in structure or "variables" not in structure:
-            raise ValueError(f"structure mapping needs exactly 'spec' and 'variables', got keys {sorted(structure)}")
+            raise InvalidArgumentError(f"structure mapping needs exactly 'spec' and 'variables', got keys {sorted(structure)}")
         return validate_record(make_record(structure["spec"], structure["variables"]), "structure")
     spec, names = getattr(structure, "spec", None), getattr(structure, "param_names", None)
     if not hasattr(spec, "to_dict") or names is None:
-        raise TypeError(f"structure must be a model (with .spec and .param_names) or a mapping "
+        raise InvalidArgumentError(f"structure must be a model (with .spec and .param_names) or a mapping "
                         f"{{'spec': ..., 'variables': [...]}}, got {type(structure).__name__}")
     return make_record(spec.to_dict(), names)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from orchestrator.errors import InvalidArgumentError
 
 
 def to_host(array: Any) -> np.ndarray:
@@ -31,7 +32,7 @@ class Variable:
 
     def __init__(self, name: str, value: Any, trainable: bool = True):
         if not isinstance(name, str) or not name:
-            raise ValueError(f"Variable name must be a non-empty string, got {name!r}")
+            raise InvalidArgumentError(f"Variable name must be a non-empty string, got {name!r}")
         self.name = name
         self.value = value
         self.trainable = trainable

@@ -34,14 +34,13 @@ import ray
 import ray.exceptions
 
 from orchestrator.checkpoint import commit as commit_lib
-from orchestrator.checkpoint import state as state_lib
-from orchestrator.checkpoint.errors import CheckpointError
+from orchestrator.checkpoint.errors import CheckpointError, SaveFailedError, StateUpdateError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe, shipping
 from orchestrator.cluster.collectives import Collective, make_collective
 from orchestrator.cluster.emergency import MARGIN_S, Tier, plan_emergency
-from orchestrator.cluster.errors import (CheckpointSaveError, NonFiniteLossError, RestoreError,
-                                         WorkerFailedError)
+from orchestrator.cluster.errors import (CheckpointingFailedError, ClusterError, NonFiniteLossError,
+                                         RestoreError, WorkerFailedError)
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
@@ -158,6 +157,7 @@ class Coordinator:
         self._in_flight: _InFlightSave | None = None
         self.committed_step: int | None = None
         self.emergency_tier: Tier | None = None
+        self.failed_saves_in_a_row = 0
         self._first_step = 0
         self._last_save_time = clock()
         self.last_progress = clock()   # end of the last completed step (or of start-up)
@@ -218,15 +218,7 @@ class Coordinator:
             return None
         if self.resume == "auto":
             return self.manager.latest_checkpoint
-        options = recipe.checkpoint_options(self.config)
-        storage, path = Storage.for_path(self.resume, options)
-        if storage.exists(commit_lib.index_path(path)):
-            return path
-        latest = state_lib.latest_checkpoint(path, storage_options=options)
-        if latest is None:
-            raise RestoreError(f"resume: no committed checkpoint at {self.resume!r} "
-                               f"(neither {path}.index nor a 'checkpoint' state file)")
-        return latest
+        return recipe.resume_target(self.config, self.resume)
 
     def _restore(self, prefix: str) -> None:
         timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
@@ -317,10 +309,16 @@ class Coordinator:
             self.evaluate()
 
     def _stop(self, final: CoordinatorState) -> JobResult:
-        """Finish the in-flight save, save the current step if it is not committed yet."""
+        """Finish the in-flight save, save the current step if it is not committed yet.
+
+        A job whose last checkpoint did not commit does not end as done or preempted: it
+        raises ``CheckpointingFailedError`` saying which steps are lost.
+        """
         self.finish_save()
         if self.committed_step != self.global_step:
             self.save(synchronous=True)
+        if self.committed_step != self.global_step:
+            raise self._checkpointing_failed(f"the final checkpoint at step {self.global_step} did not commit")
         self.state = final
         return self.result()
 
@@ -347,6 +345,16 @@ class Coordinator:
         """Seconds a save took lately (the slowest of the last three committed), None before any."""
         recent = [r.total_s for r in self.saves if r.committed][-3:]
         return max(recent) if recent else None
+    def _checkpointing_failed(self, what: str) -> CheckpointingFailedError:
+        latest = self.manager.latest_checkpoint
+        committed = commit_lib.step_of(latest) if latest else None
+        lost = self.global_step - (committed or 0)
+        since = f"the latest committed checkpoint is {latest}" if latest else "no checkpoint was ever committed"
+        cause = next((r.error for r in reversed(self.saves) if r.error), "unknown cause")
+        cause = " ".join(line.strip() for line in cause.splitlines())
+        return CheckpointingFailedError(
+            f"{what}: {cause}; {since}: the last {lost} step(s) of training are lost",
+            self.global_step, latest, self.result())
 
     def result(self) -> JobResult:
         return JobResult(
@@ -429,23 +437,39 @@ class Coordinator:
         record = pending.record
         try:
             self.manager.commit(record.step, results, metrics=pending.metrics)
-        except CheckpointError as exc:  # e.g. the index write failed: nothing was committed
-            self._drop_save(pending, results, {"commit": f"{type(exc).__name__}: {exc}"})
+        except SaveFailedError as exc:  # e.g. the index write failed: nothing was committed
+            self._drop_save(pending, results, exc.failures)
+            return
+        except StateUpdateError as exc:  # committed (the next start adopts it), but the state file is stale
+            record.committed = True
+            self._save_failed(pending, exc, "the state file may still name the previous checkpoint")
             return
         record.total_s = self.clock() - pending.started
         record.nbytes = sum(r.nbytes for r in results)
         record.committed = True
         self.committed_step = record.step
+        self.failed_saves_in_a_row = 0
         self.reporter.on_checkpoint(record.step, record.total_s, record.nbytes)
 
-    def _drop_save(self, pending: _InFlightSave, results: Sequence[Any], failures: dict[int, str]) -> None:
+    def _drop_save(self, pending: _InFlightSave, results: Sequence[Any], failures: Mapping[Any, Any]) -> None:
         """A shard failed: remove the shards that were written; the previous checkpoint stays latest."""
-        error = CheckpointSaveError(pending.record.step, failures)
+        error = SaveFailedError(pending.record.prefix, failures)
         storage, _ = Storage.for_path(self.config.checkpoint.dir, recipe.checkpoint_options(self.config))
         commit_lib.remove_data(results, storage)
+        self._save_failed(pending, error, "the previous checkpoint stays the latest")
+
+    def _save_failed(self, pending: _InFlightSave, error: CheckpointError, consequence: str) -> None:
+        """Record a failed save; fail the job after ``checkpoint.max_consecutive_failures`` in a row."""
         pending.record.error = str(error)
         pending.record.total_s = self.clock() - pending.started
-        log.error("%s; the previous checkpoint stays the latest, training continues", error)
+        self.failed_saves_in_a_row += 1
+        limit = int(self.config.checkpoint.max_consecutive_failures)
+        log.error("%s; %s (%d of checkpoint.max_consecutive_failures=%d in a row)", error, consequence,
+                  self.failed_saves_in_a_row, limit)
+        if self.failed_saves_in_a_row >= limit:
+            raise self._checkpointing_failed(
+                f"{self.failed_saves_in_a_row} checkpoint saves in a row failed "
+                f"(checkpoint.max_consecutive_failures={limit})")
 
     def _abandon_in_flight(self) -> None:
         """After a failure: make sure nothing of the in-flight save is left or committed."""
@@ -524,7 +548,7 @@ class Coordinator:
 
     def _expect(self, *states: CoordinatorState) -> None:
         if self.state not in states:
-            raise RuntimeError(f"coordinator is {self.state.value}; expected {[s.value for s in states]}")
+            raise ClusterError(f"coordinator is {self.state.value}; expected {[s.value for s in states]}")
 
 
 def aggregate_metrics(per_rank: Sequence[Mapping[str, Any]], seconds: float) -> dict[str, float]:

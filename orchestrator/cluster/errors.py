@@ -7,7 +7,7 @@ Messages name the rank, the step and the cause, and where possible the fix.
 
 from __future__ import annotations
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadInputError, OrchestratorError
 
 
 class ClusterError(OrchestratorError):
@@ -32,29 +32,28 @@ class WorkerFailedError(ClusterError):
         return (type(self), (self.rank, self.cause, self.step, self.kind))
 
 
-class CheckpointSaveError(ClusterError):
-    """One or more shards of a distributed save failed; nothing of that save was committed."""
+class CheckpointingFailedError(ClusterError):
+    """Checkpoints stopped committing, so the job stops instead of losing work silently (exit 1).
 
-    def __init__(self, step: int, failures: dict[int | str, str]):
-        """``failures``: shard rank (or "commit" for the index/state write) -> cause."""
-        causes = "; ".join(f"{_part(key)}: {cause}" for key, cause in sorted(failures.items(), key=str))
-        super().__init__(f"checkpoint save at step {step} failed ({causes})")
-        self.step = step
-        self.failures = dict(failures)
+    Raised when ``checkpoint.max_consecutive_failures`` saves in a row failed, or when the
+    job's last checkpoint (at the end of training, or the emergency one on preemption)
+    did not commit. ``result`` is the job's state at that point (steps done, checkpoints
+    kept, the latest committed one), for the run summary.
+    """
+
+    def __init__(self, message: str, step: int, last_checkpoint: str | None, result=None):
+        super().__init__(message)
+        self.step, self.last_checkpoint, self.result = step, last_checkpoint, result
 
     def __reduce__(self):
-        return (type(self), (self.step, self.failures))
+        return (type(self), (self.message, self.step, self.last_checkpoint, self.result))
 
 
-def _part(key: int | str) -> str:
-    return f"shard {key}" if isinstance(key, int) else str(key)
-
-
-class RestoreError(ClusterError, ValueError):
+class RestoreError(ClusterError, BadInputError, ValueError):
     """A checkpoint cannot be restored into this job (missing tensor, other model, bad shape)."""
 
 
-class ClusterSetupError(ClusterError, ValueError):
+class ClusterSetupError(ClusterError, BadInputError, ValueError):
     """The job cannot start on this cluster as configured (e.g. local checkpoints on many nodes)."""
 
 

@@ -1,6 +1,10 @@
 """``run_job``: what ``orchestrator train`` calls.
 
-Connects to Ray (an in-process local Ray by default; ``cluster.address`` or
+First, before Ray starts, ``startup.claim`` checks what the job was given and takes its
+checkpoint directory: a ``resume:`` path must hold a committed checkpoint, the directory
+must take a probe write, and the run holds the directory's lock for its whole life (one
+run per directory; ``checkpoint.claim``). Bad input stops here, with nothing written.
+Then it connects to Ray (an in-process local Ray by default; ``cluster.address`` or
 ``RAY_ADDRESS`` joins an existing cluster), checks that the checkpoint directory is
 reachable by every worker, then hands the job to the ``Supervisor`` (the restart loop
 around the ``Coordinator``: failures, preemption, elastic sizing).
@@ -21,7 +25,7 @@ import os
 import ray
 
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.cluster import recipe
+from orchestrator.cluster import recipe, startup
 from orchestrator.cluster.coordinator import JobResult
 from orchestrator.cluster.errors import ClusterSetupError
 from orchestrator.cluster.supervisor import Supervisor
@@ -37,14 +41,25 @@ def run_job(config, reporter=None, dataset=None) -> JobResult:
     ``dataset``: the job's data when the caller already loaded it (``preflight``); it is put
     in Ray's object store once and shared by every attempt's workers.
     """
-    started_ray = connect(config)
-    try:
-        check_shared_storage(config)
-        shared = None if dataset is None else ray.put(dataset)
-        return Supervisor(config, reporter, dataset=shared).run()
-    finally:
-        if started_ray:
+    with startup.claim(config):
+        if startup.received():  # SIGINT/SIGTERM before Ray: stop as a preemption would, Ray never started
+            return startup.stopped_before_start(config)
+        try:
+            started_ray = connect(config)
+        except SystemExit:  # ray.init's own SIGTERM handler exits mid-start: stop as a preemption would
+            startup.record("SIGTERM received by the driver while Ray was starting")
             ray.shutdown()
+            return startup.stopped_before_start(config)
+        startup.take_back()  # ray.init installed its SIGTERM handler (exit at once); ours again until the watcher
+        try:
+            check_shared_storage(config)
+            shared = None if dataset is None else ray.put(dataset)
+            supervisor = Supervisor(config, reporter, dataset=shared)
+            startup.hand_over(supervisor.watcher.request)
+            return supervisor.run()
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def local_num_cpus(config) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping
+from orchestrator.errors import InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,12 @@ def assign_owners(
     Raises ValueError for ``num_workers < 1`` or a negative size.
     """
     if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        raise InvalidArgumentError(f"num_workers must be >= 1, got {num_workers}")
     loads = [0] * num_workers
     owner: dict[str, int] = {}
     for name, nbytes in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
         if nbytes < 0:
-            raise ValueError(f"variable {name!r} has a negative size {nbytes}")
+            raise InvalidArgumentError(f"variable {name!r} has a negative size {nbytes}")
         rank = min(range(num_workers), key=lambda r: (loads[r], r))
         owner[name] = rank
         loads[rank] += nbytes * (1 + slots_per_variable)

@@ -5,7 +5,8 @@ first one wins and the coordinator polls the flag between steps:
 
 1. SIGTERM / SIGINT delivered to the driver (schedulers send SIGTERM before killing).
    The handler only records the notice; the previous handlers come back on ``close()``.
-   A second SIGINT raises KeyboardInterrupt, so an impatient Ctrl-C still works. With
+   A second SIGINT raises KeyboardInterrupt, so an impatient Ctrl-C still works, until
+   ``settle()`` says the emergency checkpoint is committed (then it is ignored). With
    ``preemption_notices.kubernetes`` the deadline is ``kubernetes_grace_period_s`` (the
    pod's ``terminationGracePeriodSeconds``) after the SIGTERM, else ``grace_period_s``.
 2. A preemption notice file (``fault_tolerance.preemption_notice_file``): schedulers
@@ -69,6 +70,7 @@ class PreemptionWatcher:
         self._requested_at: float | None = None
         self._next_poll = float("-inf")
         self._poller: _SourcePoller | None = None
+        self._settled = False
         # reentrant: the signal handler runs in the main thread, possibly while it holds the lock
         self._lock = threading.RLock()
 
@@ -153,8 +155,14 @@ class PreemptionWatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def settle(self) -> None:
+        """The emergency checkpoint is committed: later signals are ignored, never raised."""
+        self._settled = True
+
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self._settled:  # nothing left to abort (no logging here: a handler may interrupt a log write)
+            return
         if self._notice is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second {name} while checkpointing for preemption")
         now = self._clock()

@@ -12,7 +12,10 @@ import os
 from typing import Any
 
 from orchestrator import rules
+from orchestrator.checkpoint import bundle, state
 from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.cluster.errors import RestoreError
 from orchestrator.config import ConfigError, Dataset, JobConfig, ModelKind
 from orchestrator.engine import data as data_lib
 from orchestrator.engine import files as files_lib
@@ -43,6 +46,26 @@ def add_code_paths(config: JobConfig) -> None:
     ``code.paths`` entry the directory holding it (a package's parent, a module's folder)."""
     parents = [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in config.code.paths]
     plugins_lib.add_import_dirs([os.getcwd(), *parents])
+
+
+def resume_target(config, resume: str | None = None) -> str | None:
+    """The checkpoint ``resume: <prefix or directory>`` names, or None for ``auto``/``never``.
+
+    A prefix must have its index; a directory must have a state file naming a committed
+    checkpoint. Raises ``RestoreError`` (bad input) otherwise, before anything starts.
+    """
+    resume = str(config.resume if resume is None else resume)
+    if resume in ("auto", "never"):
+        return None
+    options = checkpoint_options(config)
+    storage, path = Storage.for_path(resume, options)
+    if storage.exists(bundle.index_filename(path)):
+        return path
+    latest = state.latest_checkpoint(path, storage_options=options) if storage.isdir(path) else None
+    if latest is None:
+        raise RestoreError(f"resume: no committed checkpoint at {resume!r} "
+                           f"(neither {path}.index nor a directory whose 'checkpoint' state file names one)")
+    return latest
 
 
 def load_data(config: JobConfig) -> "data_lib.Dataset":

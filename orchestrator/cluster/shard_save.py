@@ -25,20 +25,31 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from orchestrator.checkpoint import bundle
+from orchestrator.checkpoint import bundle, pipeline
+from orchestrator.checkpoint.errors import SaveFailedError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.variables import to_host
 
 
-class ShardSaveFailed(Exception):
-    """The shard write of one save failed; carries the cause as text (picklable)."""
+class ShardSaveFailed(SaveFailedError):
+    """This worker's shard of one save failed: a ``SaveFailedError`` with one failure.
 
-    def __init__(self, step: int, rank: int, cause: str):
-        super().__init__(f"shard {rank} of the save at step {step} failed: {cause}")
-        self.step, self.rank, self.cause = step, rank, cause
+    The cause travels as text (it crosses the Ray actor boundary); the coordinator merges
+    the failures of every rank into the one ``SaveFailedError`` of that save.
+    """
+
+    def __init__(self, step: int, rank: int, cause: str, prefix: str = ""):
+        self.rank, self.cause = rank, cause
+        SaveFailedError.__init__(self, prefix or f"the save at step {step}", {rank: cause})
+        self.message = f"shard {rank} of the save at step {step} failed: {cause}"
+        self._step = step
+
+    @property
+    def step(self) -> int:
+        return self._step
 
     def __reduce__(self):
-        return (type(self), (self.step, self.rank, self.cause))
+        return (type(self), (self._step, self.rank, self.cause, self.prefix))
 
 
 class HostSnapshot:
@@ -174,9 +185,9 @@ class ShardSaver:
             raise ShardSaveFailed(step, self.rank, "no save of this step was started on this worker")
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not pending.done.wait(left):
-            raise ShardSaveFailed(step, self.rank, f"write still running after {timeout} s")
+            raise ShardSaveFailed(step, self.rank, f"write still running after {timeout} s", pending.prefix)
         if pending.error is not None:
-            raise ShardSaveFailed(step, self.rank, pending.error)
+            raise ShardSaveFailed(step, self.rank, pending.error, pending.prefix)
         return pending.result
 
     def last_write_seconds(self) -> float:
@@ -192,7 +203,7 @@ class ShardSaver:
             finally:
                 pending.snapshot_taken.set()
             storage, prefix = Storage.for_path(pending.prefix, self.storage_options, self.fsync)
-            pending.result = write_shard(storage, prefix, self.rank, num_shards, tensors)
+            pending.result = pipeline.write_shard(storage, prefix, self.rank, num_shards, tensors)
         except BaseException as exc:  # any failure fails this save, never the worker
             pending.error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -211,15 +222,3 @@ class ShardSaver:
         pending.result = None
         pending.error = "abandoned"
 
-
-def write_shard(storage: Storage, prefix: str, rank: int, num_shards: int,
-                tensors: Mapping[str, np.ndarray]) -> bundle.ShardResult:
-    """Write ``tensors`` (sorted by name) into data shard ``rank`` of ``num_shards``."""
-    writer = bundle.ShardWriter(prefix, rank, num_shards, storage)
-    try:
-        for name in sorted(tensors):
-            writer.add(name, tensors[name])
-        return writer.finish()
-    except BaseException:
-        writer.abort()
-        raise

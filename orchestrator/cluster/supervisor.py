@@ -87,9 +87,10 @@ class _AttemptTracker:
     an attempt).
     """
 
-    def __init__(self, inner, clock: Callable[[], float]):
+    def __init__(self, inner, clock: Callable[[], float], on_commit: Callable[[int], None] | None = None):
         self._inner = inner
         self._clock = clock
+        self._on_commit = on_commit
         self.checkpoint_boundary = False
         self.committed_steps: list[int] = []
         self.recovering: _Recovering | None = None
@@ -130,6 +131,8 @@ class _AttemptTracker:
     def on_checkpoint(self, step, *args, **kwargs):
         self.committed_steps.append(step)
         self.checkpoint_boundary = True
+        if self._on_commit is not None:
+            self._on_commit(step)
         return self._forward("on_checkpoint", step, *args, **kwargs)
 
     def on_failure(self, cause, kind="worker_error"):
@@ -185,7 +188,7 @@ class Supervisor:
         self._clock = clock
         self._sleep = sleep
         self.settle_s = settle_s
-        self.tracker = _AttemptTracker(reporter, clock)
+        self.tracker = _AttemptTracker(reporter, clock, on_commit=self._on_commit)
         self.failures: list[Failure] = []
         self.attempts: list[AttemptResult] = []
         self._initial_resume = config.resume  # resolved (auto -> a verified checkpoint or never) in run()
@@ -275,6 +278,13 @@ class Supervisor:
             self._resize_to = grow_to
             return True
         return False
+
+    def _on_commit(self, step: int) -> None:
+        """After a preemption request, the commit of the current step is the emergency checkpoint:
+        from then on a second Ctrl-C has nothing left to abort (the job only shuts down)."""
+        coord = self._coordinator
+        if self.watcher.reason is not None and coord is not None and step == coord.global_step:
+            self.watcher.settle()
 
     def _current_workers(self) -> int:
         coord = self._coordinator
@@ -374,7 +384,9 @@ class Supervisor:
 def resolve_resume(config, resume: str) -> str:
     """``auto`` -> the newest kept checkpoint that verifies (every shard present, every
     CRC right), or ``never`` when there is none. A checkpoint that fails verification is
-    skipped with a warning and left in place for inspection; other values pass through.
+    skipped with a warning and renamed aside for inspection; if checkpoints exist but none
+    verifies, ``CorruptCheckpointError`` stops the job (exit 2) instead of silently starting
+    over. Other values pass through.
 
     Called once when the job starts (a fresh driver, e.g. after a crash or preemption),
     where the checkpoints on disk are of unknown health; it reads every tensor once.

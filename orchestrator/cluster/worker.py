@@ -32,7 +32,7 @@ from orchestrator.checkpoint import structure as structure_lib
 from orchestrator.checkpoint.reader import CheckpointReader
 from orchestrator.cluster import recipe
 from orchestrator.cluster.collectives import NcclGroup
-from orchestrator.cluster.errors import RestoreError
+from orchestrator.cluster.errors import ClusterError, RestoreError
 from orchestrator.cluster.ownership import assign_owners
 from orchestrator.cluster.shard_save import ShardSaver
 from orchestrator.engine import protocol
@@ -189,7 +189,7 @@ class TrainWorker:
 
     def _check_step(self, step: int) -> None:
         if step != self.global_step:
-            raise RuntimeError(f"rank {self.rank}: asked for step {step} but is at step {self.global_step}")
+            raise ClusterError(f"rank {self.rank}: asked for step {step} but is at step {self.global_step}")
 
     def step_timings(self) -> StepTimings:
         return dataclasses.replace(self.timings)

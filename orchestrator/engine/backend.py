@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 
 from orchestrator.checkpoint.variables import to_host as _variable_to_host
+from orchestrator.errors import BadInputError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu", "auto")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(BadInputError, RuntimeError):
     """The requested device cannot be used on this machine (no cupy, no CUDA GPU)."""
 
 
@@ -64,7 +65,7 @@ class Backend:
 def get_backend(device: str = "cpu") -> Backend:
     """The backend for ``device`` ("cpu", "gpu" or "auto")."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise InvalidArgumentError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cpu":
         return numpy_backend()
     try:

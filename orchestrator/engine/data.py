@@ -35,7 +35,7 @@ import numpy as np
 
 from orchestrator import rules
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadInputError, InvalidArgumentError
 
 DATASETS = ("digits", "mnist", "synthetic", "chars")
 MNIST_FILES = {
@@ -53,7 +53,7 @@ DATASET_OPTIONS = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(OrchestratorError, ValueError):
+class DatasetError(BadInputError, ValueError):
     """A dataset cannot be loaded; the message names the file or option at fault, ``key``
     the config key to change (``data.labels``), when there is one."""
 
@@ -380,7 +380,7 @@ class Sampler:
         rules.BATCH.check("global_batch_size", global_batch_size)
         too_large = rules.batch_problem(global_batch_size, num_examples)
         if too_large:
-            raise ValueError(f"global_batch_size: {too_large}")
+            raise InvalidArgumentError(f"global_batch_size: {too_large}")
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -415,7 +415,7 @@ class Sampler:
     def set_state(self, state: Mapping[str, int]) -> None:
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.num_examples:
-            raise ValueError(f"sampler state {dict(state)} out of range for {self.num_examples} examples")
+            raise InvalidArgumentError(f"sampler state {dict(state)} out of range for {self.num_examples} examples")
         self.epoch, self.index = epoch, index
 
     @staticmethod
@@ -427,7 +427,7 @@ class Sampler:
 def split_batch(indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
     """Contiguous split by rank; the first ``len(indices) % world_size`` ranks get one extra."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        raise InvalidArgumentError(f"rank {rank} out of range for world_size {world_size}")
     base, extra = divmod(len(indices), world_size)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)

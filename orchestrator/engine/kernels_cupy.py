@@ -27,6 +27,7 @@ import cupy as cp
 import numpy as np
 
 from orchestrator.engine import cuda_sources, rng
+from orchestrator.errors import InvalidArgumentError
 
 ACTIVATIONS = tuple(cuda_sources.ACT_FORWARD)
 _OPTIONS = ("--fmad=false",)
@@ -34,7 +35,7 @@ _OPTIONS = ("--fmad=false",)
 
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 # --------------------------------------------------------------------------- dropout
@@ -129,7 +130,7 @@ def softmax_cross_entropy(logits: cp.ndarray, labels: cp.ndarray,
     (softmax - onehot) * grad_scale written over ``logits``. Two device -> host syncs."""
     dtype = np.dtype(logits.dtype)
     if dtype not in _XENT_NAMES:
-        raise TypeError(f"softmax_cross_entropy supports float32/float64 logits, got {dtype}")
+        raise InvalidArgumentError(f"softmax_cross_entropy supports float32/float64 logits, got {dtype}")
     rows, classes = logits.shape
     logits = cp.ascontiguousarray(logits)   # no copy for the matmul outputs the model passes
     labels = cp.ascontiguousarray(labels, dtype=cp.int64)
@@ -160,7 +161,7 @@ def _launch_rows(source_key: str, function: str, rows: int, dtype, args: tuple) 
     """Run ``function<T>`` with one warp per row (``_WARPS_PER_BLOCK`` rows per block)."""
     dtype = np.dtype(dtype)
     if dtype not in _TYPE_NAMES:
-        raise TypeError(f"{function} supports float32/float64, got {dtype}")
+        raise InvalidArgumentError(f"{function} supports float32/float64, got {dtype}")
     kernel = _warp_module(source_key).get_function(f"{function}<{_TYPE_NAMES[dtype]}>")
     blocks = (rows + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
     kernel((blocks,), (32 * _WARPS_PER_BLOCK,), args)

@@ -16,6 +16,7 @@ import functools
 import numpy as np
 
 from orchestrator.engine import rng
+from orchestrator.errors import InvalidArgumentError
 
 ACTIVATIONS = ("relu", "gelu", "tanh")
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
@@ -54,7 +55,7 @@ def activation_forward(z: np.ndarray, activation: str) -> np.ndarray:
         return _gelu(z)
     if activation == "tanh":
         return np.tanh(z)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
@@ -72,7 +73,7 @@ def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
         np.subtract(1, t, out=t)                # 1 - tanh(z)^2
         np.multiply(da, t, out=da)
     else:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     return da
 
 

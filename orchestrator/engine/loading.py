@@ -31,9 +31,10 @@ from orchestrator.engine.backend import get_backend
 from orchestrator.engine import plugins
 from orchestrator.engine.models import Model, ModelSpecError, build_model
 from orchestrator.engine.specs import spec_from_dict
+from orchestrator.errors import BadInputError
 
 
-class ModelLoadError(CheckpointError, ValueError):
+class ModelLoadError(CheckpointError, BadInputError, ValueError):
     """The checkpoint has no usable model structure, or its tensors do not fit it."""
 
 

@@ -29,12 +29,13 @@ import numpy as np
 from orchestrator import rules
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.engine.backend import Backend
+from orchestrator.errors import BadInputError, InvalidArgumentError
 
 KINDS = ("mlp", "softmax")
 ACTIVATIONS = ("relu", "gelu")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(BadInputError, ValueError):
     """A model spec (or its serialized dict) is invalid; the message names the field."""
 
 
@@ -181,7 +182,7 @@ class Model:
         """Set parameters by name; every parameter must be given."""
         missing = [name for name in self.param_names if name not in values]
         if missing:
-            raise KeyError(f"no value for model parameter(s) {missing}")
+            raise ModelSpecError(f"no value for model parameter(s) {missing}")
         for variable in self.variables:
             variable.assign(values[variable.name])
 
@@ -229,7 +230,7 @@ class Model:
         dtype = params["dense/kernel"].dtype
         x = xp.asarray(x, dtype=dtype)
         if x.ndim != 2 or x.shape[1] != self.spec.input_dim:
-            raise ValueError(f"x must have shape [batch, {self.spec.input_dim}], got {tuple(x.shape)}")
+            raise InvalidArgumentError(f"x must have shape [batch, {self.spec.input_dim}], got {tuple(x.shape)}")
         return x, (None if y is None else xp.asarray(y, dtype=np.int64))
 
     def _masks(self, batch: int, dtype: Any, step: int, example_offset: int, seed: int) -> list[Any]:

@@ -30,6 +30,7 @@ from orchestrator.engine.backend import Backend
 from orchestrator.engine.layers import Builder, LayerSpecError, Pass, backward_chain, build_chain, forward_chain
 from orchestrator.engine.layers import parse_layers
 from orchestrator.engine.models import ModelSpecError
+from orchestrator.errors import InvalidArgumentError
 
 EVAL_BATCH = 256
 
@@ -128,7 +129,7 @@ class Network:
         """Set parameters by name; every parameter must be given."""
         missing = [name for name in self.param_names if name not in values]
         if missing:
-            raise KeyError(f"no value for model parameter(s) {missing}")
+            raise ModelSpecError(f"no value for model parameter(s) {missing}")
         for variable in self.variables:
             variable.assign(values[variable.name])
 
@@ -170,13 +171,13 @@ class Network:
         x = xp.asarray(x, dtype=dtype)
         shape = tuple(self.spec.input_shape)
         if x.ndim < 1 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-            raise ValueError(f"x must hold examples of shape {list(shape)}, got {tuple(x.shape)}")
+            raise InvalidArgumentError(f"x must hold examples of shape {list(shape)}, got {tuple(x.shape)}")
         x = x.reshape(x.shape[0], *shape)
         if y is not None:
             y = xp.asarray(y, dtype=np.int64)
             expected = (x.shape[0], *self.output_shape[:-1])
             if tuple(y.shape) != expected:
-                raise ValueError(f"y must have shape {list(expected)}, got {tuple(y.shape)}")
+                raise InvalidArgumentError(f"y must have shape {list(expected)}, got {tuple(y.shape)}")
         return x, y
 
     def _loss(self, logits: Any, y: Any, grad_scale: float) -> tuple[float, Any, Any]:

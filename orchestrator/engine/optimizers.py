@@ -32,6 +32,7 @@ import numpy as np
 
 from orchestrator import rules
 from orchestrator.checkpoint.variables import Variable
+from orchestrator.errors import BadInputError, InvalidArgumentError
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 HYPER_DEFAULTS = {
@@ -50,7 +51,7 @@ SLOTS = {
 SHARED_HYPER = ("momentum", "decay", "beta1", "beta2", "epsilon")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(BadInputError, ValueError):
     """Unknown optimizer name or hyperparameter, or a value out of range (named in the message)."""
 
 
@@ -77,10 +78,11 @@ class Optimizer:
     def apply(self, var: Variable, grad: Any, slots: list[Variable], step: int) -> None:
         """Update ``var`` (and its slots) in place from ``grad`` for update number ``step``."""
         if tuple(grad.shape) != var.shape:
-            raise ValueError(f"gradient for {var.name} has shape {tuple(grad.shape)}, variable has {var.shape}")
+            raise InvalidArgumentError(
+                f"gradient for {var.name} has shape {tuple(grad.shape)}, variable has {var.shape}")
         expected = self.slot_names(var.name)
         if [s.name for s in slots] != expected:
-            raise ValueError(f"slots for {var.name} must be {expected}, got {[s.name for s in slots]}")
+            raise InvalidArgumentError(f"slots for {var.name} must be {expected}, got {[s.name for s in slots]}")
         ops = _ops_for(var.value)
         rule = getattr(self, f"_apply_{self.name}")
         rule(ops, var.value, grad, [s.value for s in slots], step)
@@ -119,7 +121,7 @@ def beta_power(beta: float, exponent: int, dtype: Any) -> Any:
     Steps arrive in order, so the last result per (beta, dtype) is cached and extended.
     """
     if exponent < 1:
-        raise ValueError(f"exponent must be >= 1, got {exponent}")
+        raise InvalidArgumentError(f"exponent must be >= 1, got {exponent}")
     t = np.dtype(dtype).type
     key = (float(beta), np.dtype(dtype).str)
     done, value = _POWER_CACHE.get(key, (1, t(beta)))

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from orchestrator.errors import InvalidArgumentError
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -60,7 +62,7 @@ def _philox_round(c0, c1, c2, c3, k0: int, k1: int):
 def keep_threshold(keep_prob: float) -> int:
     """The 16-bit t with P(bits16 < t) = t / 2**16 ~ keep_prob (keep_prob is quantized to 1/65536)."""
     if not 0.0 < keep_prob <= 1.0:
-        raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}")
+        raise InvalidArgumentError(f"keep_prob must be in (0, 1], got {keep_prob}")
     return max(1, min(int(keep_prob * 65536.0), 65535))
 
 

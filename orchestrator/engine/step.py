@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.checkpoint.errors import CheckpointNotFoundError
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.engine.data import Dataset, Sampler
 from orchestrator.engine.models import Model
@@ -84,7 +85,7 @@ class Trainer:
         variables = self.state_variables()
         missing = [v.name for v in variables if v.name not in tensors]
         if missing:
-            raise KeyError(f"checkpoint lacks training state {missing}")
+            raise CheckpointNotFoundError(f"checkpoint lacks training state {missing}")
         for variable in variables:
             variable.assign(tensors[variable.name])
         self.sampler.set_state(iterator_state)

@@ -20,6 +20,7 @@ import time
 from typing import Mapping
 
 from orchestrator.checkpoint.crc import masked_crc32c
+from orchestrator.errors import InvalidArgumentError
 
 FILE_VERSION = "brain.Event:2"
 
@@ -98,7 +99,7 @@ class EventFileWriter:
     def _write(self, event: bytes) -> None:
         with self._lock:
             if self._file.closed:
-                raise ValueError(f"event file {self.path} is closed")
+                raise InvalidArgumentError(f"event file {self.path} is closed")
             self._file.write(frame_record(event))
             self._file.flush()
 

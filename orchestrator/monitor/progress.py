@@ -47,6 +47,7 @@ class RunSummary:
     recovery_time_s: float = 0.0
     recoveries: list[dict] = field(default_factory=list)  # RecoveryRecord.to_dict() of each, in order
     emergency_tier: str | None = None  # preempted: where the emergency checkpoint went
+    error: str | None = None  # why the run failed (and what was lost), when it did
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,6 +97,8 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"  recovery          {_recovery_line(s.recoveries)}")
     if s.emergency_tier:
         lines.append(f"  preemption        emergency checkpoint tier: {s.emergency_tier}")
+    if s.error:
+        lines.append(f"  error             {s.error}")
     return "\n".join(lines)
 
 

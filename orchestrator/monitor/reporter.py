@@ -137,14 +137,17 @@ class Reporter:
         self._say(f"recovered in {record.describe()}; training continues")
 
     # ------------------------------------------------------------------ end
-    def close(self, result: Any = None, status: str | None = None) -> RunSummary:
-        """Finish the display, close event files, print and write the summary (idempotent)."""
+    def close(self, result: Any = None, status: str | None = None, error: str | None = None) -> RunSummary:
+        """Finish the display, close event files, print and write the summary (idempotent).
+
+        ``error``: why the run failed and what was lost, for the summary.
+        """
         with self._lock:
             if self._summary is None:
                 self._display.finish()
                 if self._events:
                     self._events.close()
-                self._summary = self._build_summary(result, status)
+                self._summary = self._build_summary(result, status, error)
                 self._write_summary(self._summary)
                 run_log.info("%s", format_summary(self._summary))
                 self._display.stream.write(format_summary(self._summary) + "\n")
@@ -171,7 +174,7 @@ class Reporter:
         if self._events and scalars:
             self._events.add_scalars(step, scalars)
 
-    def _build_summary(self, result: Any, status: str | None) -> RunSummary:
+    def _build_summary(self, result: Any, status: str | None, error: str | None = None) -> RunSummary:
         preempted = bool(getattr(result, "preempted", False))
         status = status or ("preempted" if preempted else "completed" if result is not None else "failed")
         metrics = dict(getattr(result, "final_metrics", None) or self._metrics)
@@ -187,6 +190,7 @@ class Reporter:
             recovery_time_s=sum(r.total_s for r in self._recoveries),
             recoveries=[r.to_dict() for r in self._recoveries],
             emergency_tier=getattr(result, "emergency_tier", None) if preempted else None,
+            error=redact(error) if error else None,
         )
 
     def _write_summary(self, summary: RunSummary) -> None:

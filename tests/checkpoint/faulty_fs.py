@@ -4,7 +4,9 @@ An in-memory filesystem (its own store, separate from ``memory://``) whose
 operations consult a ``FaultPlan``: fail the N-th write to files matching a
 pattern (e.g. shard k's data file) with ENOSPC / EACCES / a network error, write
 only part of the bytes while reporting success (a silent short write), refuse to
-open a file, or fail a rename. Faults are real exceptions raised inside the
+open a file, fail a rename, or fail the ``fsync`` that makes a written file durable
+(``Storage`` calls a file object's own ``fsync`` where it has one, as it calls
+``os.fsync`` on local disk). Faults are real exceptions raised inside the
 filesystem calls the checkpoint code makes; nothing in the code under test is
 patched.
 
@@ -44,7 +46,7 @@ def network_error(path: str) -> BaseException:
 
 @dataclass
 class Rule:
-    op: str  # "open" | "write" | "short" | "rename" | "rm"
+    op: str  # "open" | "write" | "short" | "rename" | "fsync"
     pattern: re.Pattern
     nth: int  # fire on the nth matching call (1-based), then every later one if sticky
     error: Callable[[str], BaseException] | None
@@ -87,6 +89,10 @@ class FaultPlan:
     def fail_rename(self, pattern: str, code: int = errno.EIO, nth: int = 1):
         return self._add("rename", pattern, nth, os_error(code), False)
 
+    def fail_fsync(self, pattern: str, code: int = errno.EIO, nth: int = 1, sticky: bool = False):
+        """The data reached the page cache but not the disk: fsync reports EIO (or ENOSPC...)."""
+        return self._add("fsync", pattern, nth, os_error(code), sticky)
+
     def fire(self, op: str, path: str) -> Rule | None:
         with self._lock:
             for rule in self.rules:
@@ -115,6 +121,9 @@ class FaultyFile(MemoryFile):
             super().write(view[: len(view) // 2])
             return len(view)  # lies, like a lost tail on a flaky mount
         return super().write(view)
+
+    def fsync(self) -> None:
+        FaultyFileSystem.plan.raise_if("fsync", self.path)
 
 
 class FaultyFileSystem(MemoryFileSystem):

@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from orchestrator.checkpoint import bundle, commit, reader, state
-from orchestrator.checkpoint.commit import SaveFailedError
+from orchestrator.checkpoint import bundle, commit, pipeline, reader, state
+from orchestrator.checkpoint.errors import SaveFailedError
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
 
@@ -22,17 +22,13 @@ def local(tmp_path):
 
 def write(prefix: str, storage, value: float = 1.0, num_shards: int = 1) -> list:
     tensors = {f"t{i}": np.full(3, value, np.float32) for i in range(num_shards)}
-    results = commit.write_shards(prefix, commit.assign_shards(tensors, num_shards), storage)
-    commit.commit_index(prefix, results, storage)
-    return results
+    return pipeline.save(storage, prefix, tensors, num_shards)
 
 
-def test_assign_shards_balances_bytes_largest_first():
-    tensors = {"a": np.zeros(100, np.uint8), "b": np.zeros(60, np.uint8), "c": np.zeros(50, np.uint8),
-               "d": np.zeros(10, np.uint8)}
-    shards = commit.assign_shards(tensors, 2)
-    assert [sorted(s) for s in shards] == [["a", "d"], ["b", "c"]]
-    assert commit.assign_shards(tensors, 5)[4] == {}  # more shards than tensors: empty shards are fine
+def test_plan_shards_balances_bytes_largest_first():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10}
+    assert pipeline.plan_shards(sizes, 2) == [["a", "d"], ["b", "c"]]
+    assert pipeline.plan_shards(sizes, 5)[4] == []  # more shards than tensors: empty shards are fine
 
 
 def test_step_of_and_meta_path():
@@ -86,8 +82,7 @@ def test_cleanup_removes_stale_shard_counts_of_a_committed_prefix(tmp_path):
 def test_commit_index_refuses_missing_shard_and_removes_the_others(tmp_path):
     storage, directory = local(tmp_path)
     prefix = os.path.join(directory, "model.ckpt-4")
-    shards = commit.assign_shards({"a": np.ones(4), "b": np.ones(4)}, 2)
-    results = commit.write_shards(prefix, shards, storage)
+    results = pipeline.write_shards(storage, prefix, {"a": np.ones(4), "b": np.ones(4)}, 2)
     os.remove(results[1].data_path)  # e.g. a worker's disk lost the file
     with pytest.raises(SaveFailedError) as info:
         commit.commit_index(prefix, results, storage)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import reader
-from orchestrator.checkpoint.errors import CRCMismatchError
+from orchestrator.checkpoint.errors import CorruptCheckpointError, CRCMismatchError
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.variables import Variable
 
@@ -233,11 +233,41 @@ def test_bit_flip_raises_crc_error_and_restore_falls_back(tmp_path):
     with pytest.raises(CRCMismatchError):
         reader.CheckpointReader(newest).verify()
     w = Variable("w", np.zeros(64, np.float32))
-    with pytest.warns(RuntimeWarning, match="model.ckpt-3 failed verification.*left in place"):
+    with pytest.warns(RuntimeWarning, match="model.ckpt-3 failed verification"):
         restored = CheckpointManager(str(tmp_path), max_to_keep=3).restore_or_initialize([w])
     assert restored == manager.prefix_for(2)
     assert np.all(w.numpy() == 2)
-    assert os.path.exists(data[0]) and os.path.exists(newest + ".index")  # kept for inspection
+    # renamed aside for inspection, so a re-save of step 3 cannot overwrite the evidence (issue 14)
+    aside = sorted(n for n in os.listdir(tmp_path) if ".corrupt-" in n)
+    assert [n.split(".corrupt-")[0] for n in aside] == ["model.ckpt-3.data-00000-of-00001", "model.ckpt-3.index"]
+    assert not os.path.exists(data[0]) and not os.path.exists(newest + ".index")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert CheckpointManager(str(tmp_path), max_to_keep=3).latest_checkpoint == newest
+        again = CheckpointManager(str(tmp_path), max_to_keep=3)
+        assert again.latest_checkpoint == manager.prefix_for(2)
+        again.save({"w": np.full(64, 30, np.float32), "global_step": np.array(3, np.int64)}, 3)
+    assert sorted(n for n in os.listdir(tmp_path) if ".corrupt-" in n) == aside
+    with pytest.raises(CRCMismatchError):
+        _read_aside(tmp_path, aside)
+
+
+def _read_aside(directory, aside):
+    """The renamed files still form a readable (and still corrupt) checkpoint when renamed back."""
+    restored = directory / "restored"
+    restored.mkdir()
+    for name in aside:
+        os.link(directory / name, restored / name.split(".corrupt-")[0])
+    reader.CheckpointReader(str(restored / "model.ckpt-3")).verify()
+
+
+def test_every_checkpoint_corrupt_raises_instead_of_starting_over(tmp_path):
+    manager = CheckpointManager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        manager.save({"w": np.full(64, step, np.float32)}, step)
+        flip_byte(reader.CheckpointReader(manager.prefix_for(step)).data_paths()[0], 17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptCheckpointError, match="no checkpoint in .* verifies") as info:
+            CheckpointManager(str(tmp_path), max_to_keep=3).restore_or_initialize(None)
+    assert "model.ckpt-1" in str(info.value) and "model.ckpt-2" in str(info.value)
+    assert not [n for n in os.listdir(tmp_path) if ".corrupt-" in n]  # nothing renamed: the user decides

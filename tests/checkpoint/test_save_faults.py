@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import reader, state
-from orchestrator.checkpoint.commit import SaveFailedError
+from orchestrator.checkpoint.errors import SaveFailedError, StateUpdateError
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.saver import Saver
 from orchestrator.checkpoint.variables import Variable
@@ -133,7 +133,7 @@ def test_saver_save_failure_leaves_state_untouched():
 def test_state_file_failure_after_the_commit_point_is_rolled_forward(manager_with_one_checkpoint):
     manager, _ = manager_with_one_checkpoint
     with injected(FaultPlan().fail_rename(r"/checkpoint\.tmp-")):
-        with pytest.raises(OSError):
+        with pytest.raises(StateUpdateError, match="model.ckpt-2 is committed"):  # typed, not a raw OSError
             manager.save(tensors(2), step=2)
     assert state.latest_checkpoint(ROOT) == manager.prefix_for(1)  # the state update was lost
     with warnings.catch_warnings(record=True) as caught:
@@ -143,3 +143,37 @@ def test_state_file_failure_after_the_commit_point_is_rolled_forward(manager_wit
     assert restarted.latest_checkpoint == manager.prefix_for(2)  # the index was the commit point
     assert state.latest_checkpoint(ROOT) == manager.prefix_for(2)
     reader.CheckpointReader(restarted.latest_checkpoint).verify()
+
+
+@pytest.mark.parametrize("target, part", [(r"model\.ckpt-2\.data-00001-of-00002", 1),
+                                          (r"model\.ckpt-2\.index", "index")])
+def test_failed_fsync_fails_the_save(manager_with_one_checkpoint, target, part):
+    """Issue 14 item 7: an EIO at fsync was swallowed and the file renamed into place as if durable."""
+    manager, before = manager_with_one_checkpoint
+    with injected(FaultPlan().fail_fsync(target, errno.EIO)) as plan:
+        with pytest.raises(SaveFailedError) as info:
+            manager.save(tensors(2), step=2, num_shards=2)
+    assert plan.fired == 1 and list(info.value.failures) == [part]
+    assert "[Errno 5]" in str(info.value)
+    assert_previous_is_latest_and_intact(manager, before)
+
+
+def test_failed_fsync_fails_every_entry_point(manager_with_one_checkpoint):
+    from orchestrator.checkpoint.writer import write_checkpoint
+
+    var = Variable("x", np.arange(4, dtype=np.float32))
+    with injected(FaultPlan().fail_fsync(r"model\.ckpt-2\.data-", errno.ENOSPC, sticky=True)):
+        with pytest.raises(SaveFailedError, match="shard 0"):
+            Saver([var]).save(ROOT + "/model.ckpt", global_step=2)
+        with pytest.raises(SaveFailedError, match="shard 0"):
+            write_checkpoint(ROOT + "/model.ckpt-2", {"x": var})
+    assert [f for f in files(ROOT) if "model.ckpt-2" in f] == []
+
+
+def test_failed_fsync_of_the_state_file_is_a_typed_error_after_the_commit_point(manager_with_one_checkpoint):
+    manager, _ = manager_with_one_checkpoint
+    with injected(FaultPlan().fail_fsync(r"/checkpoint\.tmp-", errno.EIO)):
+        with pytest.raises(StateUpdateError) as info:
+            manager.save(tensors(2), step=2)
+    assert info.value.prefix == manager.prefix_for(2) and "[Errno 5]" in str(info.value)
+    assert state.latest_checkpoint(ROOT) == manager.prefix_for(1)  # the state file was not replaced

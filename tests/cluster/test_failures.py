@@ -10,7 +10,9 @@ import time
 import pytest
 import ray
 
-from orchestrator.cluster.errors import CheckpointSaveError, ClusterError, WorkerFailedError
+from orchestrator.checkpoint.errors import SaveFailedError
+from orchestrator.cluster.errors import ClusterError, WorkerFailedError
+from orchestrator.cluster.shard_save import ShardSaveFailed
 
 from .conftest import RAY_TIMEOUT_S, make_config
 
@@ -57,8 +59,11 @@ def test_errors_cross_process_boundaries_intact():
     failed = pickle.loads(pickle.dumps(WorkerFailedError(3, "ActorDiedError: gone", 17)))
     assert (failed.rank, failed.cause, failed.step) == (3, "ActorDiedError: gone", 17)
     assert isinstance(failed, ClusterError) and "rank 3" in str(failed) and "step 17" in str(failed)
-    save = pickle.loads(pickle.dumps(CheckpointSaveError(5, {1: "OSError: disk full"})))
+    save = pickle.loads(pickle.dumps(SaveFailedError("/d/model.ckpt-5", {1: "OSError: disk full"})))
     assert save.failures == {1: "OSError: disk full"} and "shard 1: OSError: disk full" in str(save)
+    assert save.step == 5
+    shard = pickle.loads(pickle.dumps(ShardSaveFailed(5, 1, "OSError: disk full", "/d/model.ckpt-5")))
+    assert isinstance(shard, SaveFailedError) and (shard.step, shard.rank, shard.cause) == (5, 1, "OSError: disk full")
 
 
 def test_stuck_worker_times_out_instead_of_hanging(tmp_path, run_coordinator):

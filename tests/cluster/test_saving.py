@@ -12,6 +12,7 @@ from orchestrator.checkpoint import bundle
 from orchestrator.checkpoint.reader import CheckpointReader
 from orchestrator.cluster import coordinator as coordinator_module
 from orchestrator.cluster.coordinator import SaveRecord, _InFlightSave
+from orchestrator.cluster.errors import CheckpointingFailedError
 
 from .conftest import make_config, with_changes
 
@@ -114,3 +115,26 @@ def test_hung_shard_writes_share_one_deadline(tmp_path, run_coordinator, monkeyp
     assert results == [] and sorted(failures) == [0, 1, 2]
     assert all("did not finish within 1.0 s" in why for why in failures.values())
     assert elapsed < 2.0, f"waited {elapsed:.1f} s: each hung shard got its own timeout"
+
+
+def test_saves_that_keep_failing_fail_the_job(tmp_path, run_coordinator):
+    """checkpoint.max_consecutive_failures: a job that cannot checkpoint stops instead of losing work silently."""
+    config = make_config(str(tmp_path / "ckpt"), workers=2, steps=20, save_every=1, async_save=False, **RECIPE)
+    coordinator = run_coordinator(with_changes(config, checkpoint={"max_consecutive_failures": 2}))
+    for step in (2, 3):
+        block_shard(coordinator.manager.prefix_for(step), shard=1, num_shards=2)
+    with pytest.raises(CheckpointingFailedError, match="2 checkpoint saves in a row failed") as info:
+        coordinator.run()
+    assert info.value.step == 3 and info.value.last_checkpoint.endswith("model.ckpt-1")
+    assert "the last 2 step(s) of training are lost" in str(info.value)
+    assert [os.path.basename(p) for p in info.value.result.checkpoints] == ["model.ckpt-1"]
+
+
+def test_final_checkpoint_that_does_not_commit_fails_the_job(tmp_path, run_coordinator):
+    config = make_config(str(tmp_path / "ckpt"), workers=2, steps=3, save_every=0, **RECIPE)
+    coordinator = run_coordinator(config)
+    block_shard(coordinator.manager.prefix_for(3), shard=0, num_shards=2)
+    with pytest.raises(CheckpointingFailedError, match="the final checkpoint at step 3 did not commit") as info:
+        coordinator.run()
+    assert info.value.last_checkpoint is None and "no checkpoint was ever committed" in str(info.value)
+    assert "shard 0" in str(info.value)

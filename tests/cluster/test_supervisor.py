@@ -155,14 +155,15 @@ def test_corrupted_latest_checkpoint_falls_back_and_is_kept(ray_session, referen
     recorder = Recorder()
     config = load_config(write_job(tmp_path), [f"train.steps={STEPS + 5}"])
     kept = {}
-    recorder.actions = {STEPS - SAVE_EVERY + 1: lambda: kept.update(
-        data=bad.read_bytes(), index=(ckpt / f"model.ckpt-{STEPS}.index").exists())}
+    recorder.actions = {STEPS - SAVE_EVERY + 1: lambda: kept.update(  # renamed aside: a re-save cannot overwrite it
+        data=next(ckpt.glob(bad.name + ".corrupt-*")).read_bytes(),
+        index=any(ckpt.glob(f"model.ckpt-{STEPS}.index.corrupt-*")))}
 
     with caplog.at_level(logging.WARNING, logger="orchestrator.cluster.supervisor"):
         result = Supervisor(config, recorder).run()
 
     assert recorder.steps[0] == STEPS - SAVE_EVERY + 1  # resumed from the previous one
-    assert kept == {"data": bytes(data), "index": True}  # the bad one was left in place
+    assert kept == {"data": bytes(data), "index": True}  # the bad one was kept for inspection
     warnings = [r.getMessage() for r in caplog.records if "verification" in r.getMessage()]
     assert warnings and f"model.ckpt-{STEPS}" in warnings[0]
     assert result.steps_completed == STEPS + 5

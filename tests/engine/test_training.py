@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from orchestrator.checkpoint.errors import CheckpointNotFoundError
 from orchestrator.engine.backend import numpy_backend
 from orchestrator.engine.data import Sampler, load_dataset
 from orchestrator.engine.models import ModelSpec, build_model
@@ -90,7 +91,7 @@ def test_state_variables_are_params_slots_and_global_step(digits):
     assert names[:6] == trainer.model.param_names
     assert names[6:8] == ["dense/kernel/RMSProp", "dense/kernel/RMSProp_1"]
     assert names[-1] == GLOBAL_STEP and len(names) == 6 + 12 + 1
-    with pytest.raises(KeyError, match="dense_2/bias/RMSProp_1"):
+    with pytest.raises(CheckpointNotFoundError, match="dense_2/bias/RMSProp_1"):
         trainer.restore({n: None for n in names if n != "dense_2/bias/RMSProp_1"}, {"epoch": 0, "index": 0})
 
 

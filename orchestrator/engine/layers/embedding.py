@@ -10,6 +10,7 @@ position, ``embeddings`` [sequence_length, width], to a [T, width] input with T 
 from __future__ import annotations
 
 from orchestrator.engine.layers.base import Builder, Layer, Option, Shape, positive_int, register
+from orchestrator.errors import InvalidArgumentError
 
 
 @register
@@ -27,7 +28,7 @@ class Embedding(Layer):
     def forward(self, params, x, run):
         vocab = self.config["input_dim"]
         if x.size and (int(x.min()) < 0 or int(x.max()) >= vocab):
-            raise ValueError(f"{self.name}: token ids must be in [0, {vocab}), got ids from "
+            raise InvalidArgumentError(f"{self.name}: token ids must be in [0, {vocab}), got ids from "
                              f"{int(x.min())} to {int(x.max())}")
         return params[self.embeddings][x], x
 
