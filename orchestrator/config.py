@@ -243,6 +243,9 @@ def _keep_reference(value: Any, handler) -> Any:
 
 # A string key. Plain ``str`` would drop the ``${VAR}`` reference dump_config writes back.
 Text = Annotated[str, WrapValidator(_keep_reference)]
+# A plug-in factory key. The pattern sits inside the reference keeper: given on an Optional key's
+# Field it is checked after the Optional and hands back a plain ``str`` (the ``${VAR}`` is lost).
+FactoryText = Annotated[str, Field(pattern=rules.FACTORY), WrapValidator(_keep_reference)]
 
 # Patterns and what "must be ..." says when a value does not match one.
 _NAME = r"^(?!\.\.?$)[^/]*[^/\s][^/]*$"
@@ -326,9 +329,9 @@ class ModelConfig(_Group):
     activation: Activation = _choice(Activation.RELU, "hidden layer activation")
     keep_prob_input: float = _key(0.8, "dropout keep probability on the input", rules.PROBABILITY)
     keep_prob_hidden: float = _key(0.5, "dropout keep probability after each hidden layer", rules.PROBABILITY)
-    factory: Optional[Text] = _key(
+    factory: Optional[FactoryText] = _key(
         None, "plug-in model 'module:callable', called as build(*, input_shape, num_classes, backend, seed, "
-              "**args); replaces kind and the keys above (docs/plugins.md)", pattern=rules.FACTORY)
+              "**args); replaces kind and the keys above (docs/plugins.md)")
     args: dict[str, Any] = _key({}, "keyword arguments for model.factory")
 
 
@@ -350,9 +353,9 @@ class DataConfig(_Group):
     eval_path: Optional[Text] = _key(None, "files: the evaluation set, same format as `path`")
     eval_fraction: Optional[float] = _key(
         None, "files: hold out this fraction of `path` for evaluation (a fixed seeded split)", rules.FRACTION)
-    factory: Optional[Text] = _key(
+    factory: Optional[FactoryText] = _key(
         None, "plug-in data 'module:callable', called as load(*, seed, **args) -> "
-              "(train_x, train_y, eval_x, eval_y)", pattern=rules.FACTORY)
+              "(train_x, train_y, eval_x, eval_y)")
     args: dict[str, Any] = _key({}, "keyword arguments for data.factory")
     storage_options: dict[str, Any] = _key({}, "fsspec options for `path` (may hold ${VAR} references)")
     num_examples: int = _key(10000, "synthetic only: number of training examples", rules.EXAMPLES)
@@ -410,9 +413,8 @@ class OptimizerConfig(_Group):
     beta1: float = _key(0.9, "adam first-moment decay", rules.DECAY)
     beta2: float = _key(0.999, "adam second-moment decay", rules.DECAY)
     epsilon: float = _key(1.0e-10, "numerical stabiliser", rules.EPSILON)
-    factory: Optional[Text] = _key(
-        None, "plug-in optimizer 'module:callable', called as build(*, learning_rate, **args); replaces name",
-        pattern=rules.FACTORY)
+    factory: Optional[FactoryText] = _key(
+        None, "plug-in optimizer 'module:callable', called as build(*, learning_rate, **args); replaces name")
     args: dict[str, Any] = _key({}, "keyword arguments for optimizer.factory")
 
 

@@ -382,16 +382,26 @@ def _string_keys(group=JobConfig, prefix=""):
             yield prefix + name
 
 
+# A value each string key's own rule accepts; keys not listed take any text. A key added with a new rule
+# fails the test below with that rule's message until it gets a value here.
+_VALID_STRING = {"model.factory": "my_models:build", "data.factory": "my_data:build",
+                 "optimizer.factory": "my_opt:build"}
+
+
 def test_every_string_key_keeps_its_env_reference(tmp_path):
     """A string key must be ``Text``: a plain ``str`` would lose its ``${VAR}`` in dump_config."""
     path, _ = _write_case(tmp_path, None)
     keys = list(_string_keys())
-    assert {"name", "checkpoint.dir", "data.path", "fault_tolerance.preemption_notices.gce_endpoint"} <= set(keys)
+    assert {"name", "checkpoint.dir", "data.path", "fault_tolerance.preemption_notices.gce_endpoint",
+            *_VALID_STRING} <= set(keys)
     for key in keys:
-        dumped = yaml.safe_load(dump_config(load_config(path, [f"{key}=${{ORCH_T}}"], environ={"ORCH_T": "x1"})))
+        value = _VALID_STRING.get(key, "x1")
+        config = load_config(path, [f"{key}=${{ORCH_T}}"], environ={"ORCH_T": value})
+        loaded, dumped = config, yaml.safe_load(dump_config(config))
         for part in key.split("."):
-            dumped = dumped[part]
-        assert dumped == "${ORCH_T}", key
+            loaded, dumped = getattr(loaded, part), dumped[part]
+        assert str(loaded).endswith(value), key      # expanded for the run (paths are made absolute)
+        assert dumped == "${ORCH_T}", key            # the reference kept in what is dumped
 
 
 # ---------------------------------------------------------------------------- bounded input
