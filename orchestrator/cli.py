@@ -64,6 +64,7 @@ def _describe_job(cfg: JobConfig) -> str:
 def _load_checked(args: argparse.Namespace, run_checks: Callable[[JobConfig], Any]) -> tuple[JobConfig, Any]:
     """The config, and what ``run_checks`` (plug-ins, data) returned; their errors become
     ConfigErrors located at the key at fault (exit 2)."""
+    from orchestrator.checkpoint.warm_start import WarmStartError
     from orchestrator.cluster.errors import ClusterSetupError
     from orchestrator.engine.data import DatasetError
     from orchestrator.engine.protocol import PluginError
@@ -71,17 +72,25 @@ def _load_checked(args: argparse.Namespace, run_checks: Callable[[JobConfig], An
     cfg = load_config(args.config, args.set or [])
     try:
         return cfg, run_checks(cfg)
-    except (PluginError, DatasetError, ClusterSetupError) as exc:
+    except (PluginError, DatasetError, ClusterSetupError, WarmStartError) as exc:
         key = getattr(exc, "key", None) or ("data.path" if isinstance(exc, DatasetError) else "code.paths")
         raise error_at(args.config, args.set or [], key, str(exc)) from None
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.cluster.preflight import import_factories
+def _validate_checks(cfg: JobConfig) -> None:
+    """``validate``'s checks beyond the config: factories import; with ``init_from``, the model is
+    built (reading the data) so that the warm start's names are checked against it and the checkpoint."""
+    from orchestrator.cluster.preflight import build_on_cpu, check_init_from, import_factories
 
+    import_factories(cfg)
+    if cfg.init_from is not None:
+        check_init_from(build_on_cpu(cfg)[0], cfg)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint.claim import check_directory
 
-    cfg, _ = _load_checked(args, import_factories)
+    cfg, _ = _load_checked(args, _validate_checks)
     check_directory(cfg.checkpoint.dir, cfg.checkpoint.storage_options)  # read-only: e.g. a file, not a directory
     print(f"OK: {_describe_job(cfg)}")
     if args.show:

@@ -58,7 +58,7 @@ __all__ = [
     "ConfigError", "EnvValue", "Secret", "redact", "load_config", "dump_config", "config_to_dict", "parse_options",
     "json_schema", "JobConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "TrainConfig", "WorkersConfig",
     "ResourcesConfig", "CheckpointConfig", "FaultToleranceConfig", "PreemptionNoticesConfig", "ClusterConfig",
-    "LoggingConfig", "CodeConfig", "DataFormat", "error_at", "Device", "ModelKind", "Activation", "Dataset",
+    "LoggingConfig", "CodeConfig", "InitFromConfig", "DataFormat", "error_at", "Device", "ModelKind", "Activation", "Dataset",
     "OptimizerName",
     "BestMode", "LogLevel", "ProgressMode",
 ]
@@ -561,6 +561,19 @@ class LoggingConfig(_Group):
     tensorboard: bool = _key(True, "write TensorBoard event files under <run_dir>/tensorboard")
 
 
+class InitFromConfig(_Group):
+    """Warm start: take model variables from another checkpoint (ours, TensorFlow's, or an exported
+    .safetensors file), initialise the rest, start at step 0 with fresh optimizer state. Applies only
+    when the job starts without a checkpoint of its own (a rerun resumes from checkpoint.dir)."""
+
+    checkpoint: Text = _key(..., "checkpoint prefix, directory (its latest) or .safetensors file; local path or "
+                                 "fsspec URL", pattern=_NOT_BLANK)
+    variables: list[Text] = _key(["*"], "globs over the model's variable names to take from the checkpoint (the "
+                                        "others start fresh)", min_length=1, max_length=rules.MAX_LAYERS * 16)
+    rename: dict[Text, Text] = _key({}, "{checkpoint name: model variable name} for tensors saved under another name")
+    storage_options: dict[str, Any] = _key({}, "fsspec options for `checkpoint` (may hold ${VAR} references)")
+
+
 class JobConfig(_Group):
     """One training job."""
 
@@ -579,6 +592,8 @@ class JobConfig(_Group):
     fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
     resume: Text = _key("auto", "auto (latest checkpoint in checkpoint.dir), never, or a checkpoint prefix/directory",
                         pattern=_NOT_BLANK)
+    init_from: Optional[InitFromConfig] = _key(
+        None, "warm start from another checkpoint (see init_from below; null = initialise every variable)")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     code: CodeConfig = Field(default_factory=CodeConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -590,6 +605,13 @@ class JobConfig(_Group):
         if isinstance(data, dict) and data.get("run_dir") is None and isinstance(data.get("name"), str):
             return {**data, "run_dir": os.path.join("runs", data["name"])}
         return data
+
+    @model_validator(mode="after")
+    def _one_start(self):
+        if self.init_from is not None and self.resume not in ("auto", "never"):
+            raise Problem("resume: <checkpoint> continues that run; init_from starts a new one from another "
+                          "checkpoint's variables: give one of them", key="init_from")
+        return self
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -857,6 +879,8 @@ def _describe(error: dict, loc: list, model: type[_Group]) -> tuple[str, list, l
         return _bound_at(model, loc, Bound(**{_BOUND_ERRORS[kind]: ctx[_BOUND_ERRORS[kind]]})).problem(value), loc, None
     if kind == "too_long":
         return f"must have at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})", loc, None
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s) (got {ctx.get('actual_length')})", loc, None
     if kind == "finite_number":
         return f"must be a finite number (got {_show(value)})", loc, None
     if kind == "string_pattern_mismatch":

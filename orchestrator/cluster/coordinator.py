@@ -34,6 +34,7 @@ import ray
 import ray.exceptions
 
 from orchestrator.checkpoint import commit as commit_lib
+from orchestrator.checkpoint import warm_start
 from orchestrator.checkpoint.errors import CheckpointError, SaveFailedError, StateUpdateError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe, shipping
@@ -207,6 +208,8 @@ class Coordinator:
         prefix = self.resume_prefix()
         if prefix is not None:
             self._restore(prefix)
+        elif self.config.init_from is not None:
+            self._warm_start()
         self.collective.attach(self.workers, timeout)
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
@@ -220,15 +223,30 @@ class Coordinator:
             return self.manager.latest_checkpoint
         return recipe.resume_target(self.config, self.resume)
 
-    def _restore(self, prefix: str) -> None:
+    def _from_checkpoint(self, refs: list, what: str) -> list:
+        """Results of restore/warm-start calls; the checkpoint's fault is raised as itself (bad input)."""
         timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
         try:
-            self.restore_info = self._get_all([w.restore.remote(prefix) for w in self.workers], timeout, "restoring")
+            return self._get_all(refs, timeout, what)
         except WorkerFailedError as exc:
             cause = getattr(exc.__cause__, "cause", None)
             if isinstance(cause, (RestoreError, CheckpointError)):  # the checkpoint, not the worker, is at fault
                 raise cause from None
             raise
+
+    def _warm_start(self) -> None:
+        """``init_from``: every rank takes its owned variables from the resolved checkpoint; logs the plan."""
+        cfg = self.config.init_from
+        with warm_start.open_source(cfg.checkpoint, dict(cfg.storage_options)) as reader:
+            prefix = reader.prefix  # a directory's latest, resolved once for every rank
+        plans = self._from_checkpoint([w.warm_start.remote(prefix) for w in self.workers], "warm-starting")
+        plan = warm_start.WarmStartPlan(**plans[0])
+        for line in plan.lines():
+            log.info("%s", line)
+        log.info("%s", plan.summary())
+
+    def _restore(self, prefix: str) -> None:
+        self.restore_info = self._from_checkpoint([w.restore.remote(prefix) for w in self.workers], "restoring")
         steps = {info["global_step"] for info in self.restore_info}
         if len(steps) != 1:
             raise RestoreError(f"{prefix}: workers restored different steps {sorted(steps)}")

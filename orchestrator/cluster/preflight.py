@@ -6,10 +6,12 @@
    range, no NaN/inf, one global batch fits in the training set);
 4. the model builds and keeps the protocol, and one training step on a few examples returns
    a finite loss and one gradient per variable with the variable's shape and dtype;
-5. the optimizer creates its slots.
+5. the optimizer creates its slots;
+6. ``init_from``: the checkpoint reads, and the variables and renames it names exist in it and in
+   the model, with matching shapes (``checkpoint.warm_start``).
 
 Each failure raises the error of its layer (``PluginError``, ``DatasetError``,
-``ClusterSetupError``) with the config key at fault, which the CLI turns into one
+``ClusterSetupError``, ``WarmStartError``) with the config key at fault, which the CLI turns into one
 ``file:line: key: message`` line and exit code 2. The loaded dataset is returned so the
 job does not read it twice. The checks run on numpy (CPU), whatever ``device`` says.
 """
@@ -53,6 +55,7 @@ def preflight(config) -> Prepared:
     model, dataset = build_on_cpu(config)
     check_first_step(model, dataset, config)
     check_optimizer(model, config)
+    check_init_from(model, config)
     return Prepared(dataset)
 
 
@@ -103,3 +106,9 @@ def check_optimizer(model: Any, config) -> None:
                 raise protocol.PluginError(f"slot name {slot.name!r} of {variable.name!r} is already taken "
                                            f"by another variable or slot", key)
             taken.add(slot.name)
+
+
+def check_init_from(model: Any, config) -> None:
+    """Step 6: the warm start plan can be made (``WarmStartError`` at its key); nothing is assigned."""
+    if config.init_from is not None:
+        recipe.warm_start_plan(config, model.variables)

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from orchestrator import rules
-from orchestrator.checkpoint import bundle, state
+from orchestrator.checkpoint import bundle, state, warm_start
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster.errors import RestoreError
@@ -66,6 +66,15 @@ def resume_target(config, resume: str | None = None) -> str | None:
         raise RestoreError(f"resume: no committed checkpoint at {resume!r} "
                            f"(neither {path}.index nor a directory whose 'checkpoint' state file names one)")
     return latest
+
+
+def warm_start_plan(config: JobConfig, variables, prefix: str | None = None) -> warm_start.WarmStartPlan:
+    """What ``init_from`` takes into a model with these ``variables`` (Variables with name, shape,
+    dtype), from ``prefix`` (default: ``init_from.checkpoint`` resolved). Raises ``WarmStartError``."""
+    cfg = config.init_from
+    with warm_start.open_source(prefix or cfg.checkpoint, dict(cfg.storage_options)) as reader:
+        model_vars = {v.name: (tuple(v.shape), v.dtype) for v in variables}
+        return warm_start.plan(reader, model_vars, list(cfg.variables), dict(cfg.rename))
 
 
 def load_data(config: JobConfig) -> "data_lib.Dataset":

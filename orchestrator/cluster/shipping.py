@@ -180,9 +180,10 @@ def _too_large(roots: list[str], sizes: dict[str, int], total: int, limit_mb: fl
 def absolute_paths(config) -> Any:
     """``config`` with its local paths made absolute (workers run in another directory)."""
     resume = config.resume if config.resume in ("auto", "never") else _absolute(config.resume)
+    init_from = config.init_from and {"checkpoint": _absolute(config.init_from.checkpoint)}
     return config.replace(checkpoint={"dir": _absolute(config.checkpoint.dir)},
                           data={"path": _absolute(config.data.path), "eval_path": _absolute(config.data.eval_path)},
-                          resume=resume)
+                          resume=resume, **({"init_from": init_from} if init_from else {}))
 
 
 def _absolute(path: str | None) -> str | None:

@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from orchestrator.checkpoint import structure as structure_lib
+from orchestrator.checkpoint import warm_start as warm_start_lib
 from orchestrator.checkpoint.reader import CheckpointReader
 from orchestrator.cluster import recipe
 from orchestrator.cluster.collectives import NcclGroup
@@ -280,6 +281,18 @@ class TrainWorker:
         self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
         self.sampler.set_state(decode_json_tensor(values[ITERATOR_STATE_KEY]))
         return {"rank": self.rank, "global_step": self.global_step, "read": sorted(owned)}
+
+    def warm_start(self, prefix: str) -> dict:
+        """``init_from``: assign the owned variables the plan takes from ``prefix``; the rest keep their
+        initial values, the step stays 0. Returns the plan (every rank computes the same one)."""
+        plan = recipe.warm_start_plan(self.config, self.variables.values(), prefix)
+        owned = {name: plan.taken[name] for name in self.owned if name in plan.taken}
+        options = dict(self.config.init_from.storage_options)
+        with warm_start_lib.open_source(prefix, options) as reader:
+            values = reader.get_tensors(owned.values())
+        for name, source in owned.items():
+            self.variables[name].assign(values[source])
+        return dataclasses.asdict(plan)
 
     def _assign(self, name: str, value: np.ndarray) -> None:
         target = self.variables.get(name)

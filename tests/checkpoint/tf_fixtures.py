@@ -155,3 +155,32 @@ def tf_numpy_dtype(tf_dtype: tf.DType) -> object:
     if tf_dtype == tf.string:
         return np.dtype(object)
     return np.dtype(tf_dtype.as_numpy_dtype)
+
+
+def write_tf1_variables(directory: str, values: Mapping[str, np.ndarray], step: int = 7) -> str:
+    """A TF1 graph-mode ``Saver`` checkpoint of variables with these names and values, plus the
+    global step and an RMSProp slot per variable (what a TF1 training script leaves); returns its prefix."""
+    v1 = tf.compat.v1
+    os.makedirs(directory, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = [v1.get_variable(name, initializer=value) for name, value in values.items()]
+        global_step = v1.train.get_or_create_global_step()
+        loss = tf.add_n([tf.reduce_sum(v * 0.0) for v in variables])
+        train = v1.train.RMSPropOptimizer(0.0).minimize(loss, global_step=global_step)
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            sess.run(v1.assign(global_step, step - 1))
+            sess.run(train)
+            return v1.train.Saver().save(sess, os.path.join(os.path.abspath(directory), "model.ckpt"),
+                                         global_step=global_step)
+
+
+def write_keras_weights(directory: str, input_dim: int, hidden: int, classes: int) -> tuple[str, list]:
+    """``model.save_weights`` (TF2 object-based format) of a tf-keras MLP; returns (prefix, [kernel, bias, ...])."""
+    tf.random.set_seed(1)
+    model = tf_keras.Sequential([tf_keras.layers.Dense(hidden, activation="relu", input_shape=(input_dim,)),
+                                 tf_keras.layers.Dense(classes)])
+    prefix = os.path.join(directory, "weights")
+    model.save_weights(prefix)
+    return prefix, [w.numpy() for w in model.weights]
