@@ -145,7 +145,7 @@ def test_missing_and_unreadable_data_files(job, capsys):
     assert "data.path" in error and "not a readable .npz file" in error
     error = bad_input(capsys, job.write(data=f"  format: parquet\n  path: {job.path / 'garbage.npz'}"))
     assert "data.path" in error and "not a readable parquet file" in error
-    error = bad_input(capsys, job.write(data=f"  format: npz\n  path: {job.path / 'data'}"))
+    error = bad_input(capsys, job.write(data=f"  format: csv\n  path: {job.path / 'data'}"))
     assert "data.path" in error and "is a directory; expected a file" in error
 
 
@@ -216,3 +216,48 @@ def test_run_time_failures_exit_1_and_keep_the_last_good_checkpoint(job, capsys,
     latest = latest_checkpoint(str(job.path / "ckpt"))
     assert latest.endswith("model.ckpt-5")
     assert sorted(p.name for p in (job.path / "ckpt").iterdir() if ".index" in p.name) == ["model.ckpt-5.index"]
+
+
+# ---------------------------------------------------------------------------- a directory of shards
+def shard_job(job, shards, extra: str = "") -> Path:
+    """A job on a directory of npz shards, each given as (x, y)."""
+    directory = job.path / "shards"
+    directory.mkdir(exist_ok=True)
+    for i, (x, y) in enumerate(shards):
+        (directory / f"part-{i}.npz").write_bytes(encode("npz", x, y))
+    return job.write(data=f"  format: npz\n  path: {directory}{extra}")
+
+
+@pytest.mark.parametrize("case, key, line, message", [  # line: where the error points (a key not written: data:)
+    ("no-shards", "data.path", "path:", "no .npz shard files (format npz); it holds ['notes.txt']"),
+    ("label-outside", "data.labels", "data:", "part-2.npz: label -1 at row 4 is outside [0, num_classes)"),
+    ("nan-in-a-shard", "data.features", "data:", "part-1.npz: features hold NaN or inf in 1 row(s), the first is row 3"),
+    ("shards-disagree", "data.features", "data:", "part-1.npz: features [N, 11] float32 with int64 labels, but"),
+    ("fewer-shards-than-workers", "data.path", "path:", "1 shard file(s) for 2 workers: each worker reads its own"),
+    ("batch-over-a-workers-share", "data.global_batch_size", "global_batch_size:",
+     "with 2 workers, worker 1 has 10 example(s) but takes 15 per step"),
+    ("eval-fraction", "data.eval_fraction", "eval_fraction:", "is a directory of shards, which is never held whole"),
+])
+def test_bad_shard_directories(job, capsys, case, key, line, message):
+    x, y = make_arrays(100)
+    parts = [(x[:40], y[:40]), (x[40:60], y[40:60]), (x[60:], y[60:])]
+    extra = ""
+    if case == "no-shards":
+        parts = []
+        (job.path / "shards").mkdir()
+        (job.path / "shards" / "notes.txt").write_text("no data here")
+    elif case == "label-outside":
+        parts[2][1][4] = -1
+    elif case == "nan-in-a-shard":
+        parts[1][0][3, 5] = np.nan
+    elif case == "shards-disagree":
+        parts[1] = (parts[1][0][:, :11], parts[1][1])
+    elif case == "fewer-shards-than-workers":
+        parts = parts[:1]
+    elif case == "eval-fraction":
+        extra = "\n  eval_fraction: 0.1"
+    elif case == "batch-over-a-workers-share":
+        parts = [(x[:40], y[:40]), (x[40:50], y[40:50]), (x[50:], y[50:])]  # worker 1 reads part-1 only
+    config = shard_job(job, parts, extra)
+    error = bad_input(capsys, config)
+    assert f":{line_of(config, line)}: {key}: " in error and message in error, error

@@ -136,6 +136,10 @@ class Storage:
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(self._strip(path))
 
+    def open_read(self, path: str) -> Any:
+        """A binary file object for streaming reads, for a reader that must not hold a file's bytes whole."""
+        return self.fs.open(self._strip(path), "rb")
+
     def read_ranges(self, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
         """The bytes of each ``(path, start, length)`` range (fewer only where a file is shorter).
 

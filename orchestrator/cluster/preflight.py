@@ -13,7 +13,8 @@
 Each failure raises the error of its layer (``PluginError``, ``DatasetError``,
 ``ClusterSetupError``, ``WarmStartError``) with the config key at fault, which the CLI turns into one
 ``file:line: key: message`` line and exit code 2. The loaded dataset is returned so the
-job does not read it twice. The checks run on numpy (CPU), whatever ``device`` says.
+job does not read it twice (a directory of shards: its checked plan; the workers read the
+shards). The checks run on numpy (CPU), whatever ``device`` says.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from orchestrator.cluster import recipe, shipping
 from orchestrator.engine import plugins, protocol
 from orchestrator.engine.backend import numpy_backend
 from orchestrator.engine.data import Dataset, DatasetError
+from orchestrator.engine.files import ShardPlan
 from orchestrator.engine.models import build_model
 
 CHECK_EXAMPLES = 8
@@ -36,7 +38,7 @@ CHECK_EXAMPLES = 8
 class Prepared:
     """What the checks loaded, for the job to reuse."""
 
-    dataset: Dataset
+    dataset: Dataset | ShardPlan
 
 
 def import_factories(config) -> None:
@@ -49,25 +51,41 @@ def import_factories(config) -> None:
 
 
 def preflight(config) -> Prepared:
-    """Run every check (see the module docstring); returns the loaded dataset."""
+    """Run every check (see the module docstring); returns the loaded dataset (or shard plan)."""
     import_factories(config)
     shipping.check_size(config)
-    model, dataset = build_on_cpu(config)
-    check_first_step(model, dataset, config)
+    data = load_checked_data(config)
+    sample = _sample(data)
+    model = build_model(recipe.model_spec(config, sample), numpy_backend(), int(config.seed))
+    check_first_step(model, sample, config)
     check_optimizer(model, config)
     check_init_from(model, config)
-    return Prepared(dataset)
+    return Prepared(data)
 
 
 def build_on_cpu(config) -> tuple[Any, Dataset]:
-    """(the job's model built on numpy with the job's seed, the job's dataset)."""
+    """(the job's model built on numpy with the job's seed, the job's dataset; for a directory
+    of shards, its first shard)."""
     import_factories(config)
-    dataset = recipe.load_data(config)
-    too_large = rules.batch_problem(config.data.global_batch_size, len(dataset.train_y))
+    sample = _sample(load_checked_data(config))
+    return build_model(recipe.model_spec(config, sample), numpy_backend(), int(config.seed)), sample
+
+
+def load_checked_data(config) -> Dataset | ShardPlan:
+    """The job's data, with one global batch checked to fit (for shards: every worker's slice)."""
+    data = recipe.load_data(config)
+    batch = config.data.global_batch_size
+    if isinstance(data, ShardPlan):
+        data.check_workers(batch, range(config.workers.min, config.workers.max + 1))
+        return data
+    too_large = rules.batch_problem(batch, len(data.train_y))
     if too_large:
         raise DatasetError(too_large, "data.global_batch_size")
-    model = build_model(recipe.model_spec(config, dataset), numpy_backend(), int(config.seed))
-    return model, dataset
+    return data
+
+
+def _sample(data: Dataset | ShardPlan) -> Dataset:
+    return data.sample() if isinstance(data, ShardPlan) else data
 
 
 def check_first_step(model: Any, dataset: Dataset, config) -> None:

@@ -184,5 +184,15 @@ def make_optimizer(config: JobConfig):
     return optimizers_lib.make_optimizer(cfg.name.value, cfg.learning_rate, **hyper)
 
 
+def rank_data(data, rank: int, num_workers: int) -> "data_lib.Dataset":
+    """What worker ``rank`` trains on: the shared dataset, or only its shards of a ``ShardPlan``."""
+    if isinstance(data, files_lib.ShardPlan):
+        return data.load_rank(rank, num_workers)
+    return data
+
+
 def make_sampler(config: JobConfig, dataset, seed: int) -> "data_lib.Sampler":
+    if isinstance(dataset, files_lib.ShardView):
+        return data_lib.RankSampler(len(dataset.train_y), config.data.global_batch_size, seed,
+                                    dataset.rank, dataset.num_workers)
     return data_lib.Sampler(len(dataset.train_y), config.data.global_batch_size, seed)

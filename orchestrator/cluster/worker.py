@@ -97,7 +97,8 @@ class TrainWorker:
         recipe.add_code_paths(config)
         self.seed = int(config.seed)
         self.backend = get_backend(config.device.value)
-        self.dataset = dataset if dataset is not None else recipe.load_data(config)
+        self.dataset = recipe.rank_data(dataset if dataset is not None else recipe.load_data(config), rank,
+                                        num_workers)
         self.spec = recipe.model_spec(config, self.dataset)
         self.model = build_model(self.spec, self.backend, self.seed)
         self.variables = {v.name: v for v in self.model.variables}

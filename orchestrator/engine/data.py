@@ -306,10 +306,17 @@ def from_arrays(train: tuple[Any, Any], test: tuple[Any, Any] | None, num_classe
                                f"but train features [N, {', '.join(map(str, train_x.shape[1:]))}]", keys[0])
         if np.issubdtype(test_y.dtype, np.floating) != np.issubdtype(train_y.dtype, np.floating):
             raise DatasetError(f"{source}: eval labels are {test_y.dtype} but train labels {train_y.dtype}", keys[1])
-    dataset = Dataset(train_x, train_y, test_x, test_y, num_classes)
+    dataset = Dataset(train_x, train_y, test_x, test_y, classes=num_classes)
     if not dataset.is_regression:
         _check_class_labels(dataset, num_classes, source, keys[1])
     return dataset
+
+
+def checked_examples(x: Any, y: Any, source: str,
+                     keys: tuple[str, str] = ("data.features", "data.labels")) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one part of a dataset (a shard file), checked as ``from_arrays``
+    checks a split: lengths, dtypes, finite values. The class checks need every part: not here."""
+    return _checked_split(x, y, source, keys)
 
 
 def _checked_split(x: Any, y: Any, source: str, keys: tuple[str, str],
@@ -422,6 +429,45 @@ class Sampler:
     def split(indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
         """(this rank's contiguous part of the global batch, its offset in the batch)."""
         return split_batch(indices, rank, world_size)
+
+
+class RankSampler(Sampler):
+    """One worker's slice of every global batch, drawn from the examples only it holds (a
+    directory of shards: ``files.ShardPlan``). Each rank walks its own seeded permutations,
+    so its position after ``steps`` batches is known from ``steps`` alone: that count is the
+    checkpointed state, and every rank restores its own position from it."""
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int, rank: int, world_size: int):
+        base, extra = divmod(global_batch_size, world_size)
+        self.offset = rank * base + min(rank, extra)
+        super().__init__(num_examples, base + (1 if rank < extra else 0), seed)
+        self.rank, self.steps = rank, 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            seeds = np.random.SeedSequence([self.seed, epoch, self.rank])
+            self._order = np.random.Generator(np.random.Philox(seeds)).permutation(self.num_examples)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> np.ndarray:
+        """This rank's slice of the next global batch (local example indices)."""
+        self.steps += 1
+        return super().next_batch()
+
+    def split(self, indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+        """The slice is this rank's already; its offset in the global batch."""
+        return indices, self.offset
+
+    def state(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        steps = int(state["steps"])
+        if steps < 0:
+            raise InvalidArgumentError(f"sampler state {dict(state)}: steps must be >= 0")
+        self.steps = steps
+        self.epoch, self.index = divmod(steps * self.global_batch_size, self.num_examples)
 
 
 def split_batch(indices: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, int]:
