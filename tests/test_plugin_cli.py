@@ -8,7 +8,9 @@ command, without a Python start-up per case); one case runs the real command.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ import pytest
 
 from orchestrator.checkpoint.state import latest_checkpoint
 from orchestrator.cli import main
+from orchestrator.cluster import shipping
+from orchestrator.config import load_config
 from orchestrator.exit_codes import EXIT_BAD_INPUT, EXIT_FAILURE
 from tests.plugin_fixtures import data_yaml, encode, make_arrays, write_data, write_job, write_plugin
 
@@ -50,7 +54,8 @@ def bad_input(capsys, config: Path, *args: str) -> str:
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT, err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {config}:"), err
+    assert len(lines) == 1 and re.match(rf"error: {re.escape(str(config))}:\d+: (model|data|optimizer|code)\.\w+: ",
+                                        lines[0]), err  # file:line: key:
     assert not (config.parent / "runs").exists() and not (config.parent / "ckpt").exists()
     return lines[0]
 
@@ -189,6 +194,29 @@ def test_code_too_large_to_ship(job, capsys):
     (job.path / "weights.bin").write_bytes(os.urandom(3 << 20))
     error = bad_input(capsys, job.write(extra="code: {max_size_mb: 1}"))
     assert "code.max_size_mb" in error and "over code.max_size_mb=1" in error and "weights.bin (3.0 MiB)" in error
+
+
+def test_what_is_never_shipped(job, monkeypatch):
+    """.git, runs/, the checkpoint directory, code.excludes and .rayignore stay home; under
+    ``ray job submit --working-dir`` Ray ships the directory and the runtime ships nothing."""
+    big = os.urandom(2 << 20)
+    for rel in (".git/objects/pack.bin", "runs/old/train.log", "ckpt/model.ckpt-1.data-00000-of-00001",
+                "scratch/tmp.bin", "ignored/x.bin"):
+        (job.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (job.path / rel).write_bytes(big)
+    (job.path / ".rayignore").write_text("ignored/\n")
+    config = load_config(job.write(extra="code: {max_size_mb: 1, excludes: [scratch/]}"))
+    shipped = {os.path.relpath(p, job.path) for p in shipping.shipped_files(
+        str(job.path), shipping.excludes(config, str(job.path)))}
+    assert f"{job.name}.py" in shipped and "job.yaml" in shipped
+    assert not [p for p in shipped if p.split(os.sep)[0] in (".git", "runs", "ckpt", "scratch", "ignored")], shipped
+    assert shipping.check_size(config) < 1 << 20
+    (job.path / "weights.bin").write_bytes(big)
+    with pytest.raises(shipping.CodeTooLargeError, match=r"weights\.bin \(2\.0 MiB\)"):
+        shipping.check_size(config)
+    monkeypatch.setenv(shipping.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": str(job.path)}}))
+    assert shipping.check_size(config) == 0
+    assert shipping.runtime_env(config, {"working_dir": str(job.path)}) is None
 
 
 def test_the_command_itself_exits_2_with_one_line(job):
