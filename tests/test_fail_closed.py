@@ -472,6 +472,9 @@ def test_index_that_is_a_directory_and_a_crc_failure_are_bad_input(tmp_path):
     flip_byte(ckpt / "model.ckpt-5.data-00000-of-00001", 40)
     proc = run_cli("inspect", str(ckpt / "model.ckpt-5"), "--all-tensors")
     assert proc.returncode == EXIT_BAD_INPUT and "checksum mismatch" in proc.stderr, proc.stderr  # on main: 1
+    (ckpt / "model.ckpt-5.data-00000-of-00001").unlink()  # and a missing shard: the same exit code
+    proc = run_cli("inspect", str(ckpt / "model.ckpt-5"), "--all-tensors")
+    assert proc.returncode == EXIT_BAD_INPUT and "model.ckpt-5.data-00000-of-00001" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------- bounded input, error base

@@ -85,3 +85,18 @@ def test_data_num_classes_with_file_data(tmp_path):
     write_shards(tmp_path / "shards", shards=2, rows=20, features=3)
     plan = load_files(FileSource("npz", str(tmp_path / "shards"), num_classes=5))
     assert plan.classes == 5 and plan.sample().num_classes == 5
+
+
+def test_shards_on_s3_are_listed_and_read_per_worker(s3_bucket, s3_options):
+    from tests.plugin_fixtures import write_bytes
+
+    x, y = make_arrays(90)
+    for i in range(3):
+        write_bytes(f"{s3_bucket}/shards/part-{i}.parquet", encode("parquet", x[i * 30:(i + 1) * 30],
+                                                                    y[i * 30:(i + 1) * 30]), s3_options)
+    source = FileSource("parquet", f"{s3_bucket}/shards", storage_options=s3_options)
+    plan = load_files(source)
+    assert [p.rsplit("/", 1)[1] for p in plan.shards] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    view = plan.load_rank(0, 2)
+    assert np.array_equal(view.train_x, np.concatenate([x[:30], x[60:]]))
+    assert np.array_equal(view.train_y, np.concatenate([y[:30], y[60:]]))
