@@ -420,6 +420,9 @@ class Sampler:
         return {"epoch": self.epoch, "index": self.index}
 
     def set_state(self, state: Mapping[str, int]) -> None:
+        if "epoch" not in state:
+            raise InvalidArgumentError(f"data position {dict(state)} was written by a job reading a directory of "
+                                       f"shards; this job reads one dataset: resume it with that data")
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.num_examples:
             raise InvalidArgumentError(f"sampler state {dict(state)} out of range for {self.num_examples} examples")
@@ -463,6 +466,9 @@ class RankSampler(Sampler):
         return {"steps": self.steps}
 
     def set_state(self, state: Mapping[str, int]) -> None:
+        if "steps" not in state:
+            raise InvalidArgumentError(f"data position {dict(state)} was written by a job reading one dataset; "
+                                       f"this job reads a directory of shards: resume it with that data")
         steps = int(state["steps"])
         if steps < 0:
             raise InvalidArgumentError(f"sampler state {dict(state)}: steps must be >= 0")

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.engine.data import RankSampler, split_batch
+from orchestrator.engine.data import RankSampler, Sampler, split_batch
+from orchestrator.errors import InvalidArgumentError
 from orchestrator.engine.files import FileSource, ShardPlan, load_files
 from tests.plugin_fixtures import encode, make_arrays
 
@@ -100,3 +101,10 @@ def test_shards_on_s3_are_listed_and_read_per_worker(s3_bucket, s3_options):
     view = plan.load_rank(0, 2)
     assert np.array_equal(view.train_x, np.concatenate([x[:30], x[60:]]))
     assert np.array_equal(view.train_y, np.concatenate([y[:30], y[60:]]))
+
+
+def test_a_data_position_of_the_other_mode_is_refused_by_name():
+    with pytest.raises(InvalidArgumentError, match="directory of shards; this job reads one dataset"):
+        Sampler(40, 10, 7).set_state(RankSampler(40, 10, 7, 0, 2).state())
+    with pytest.raises(InvalidArgumentError, match="one dataset; this job reads a directory of shards"):
+        RankSampler(40, 10, 7, 0, 2).set_state(Sampler(40, 10, 7).state())
