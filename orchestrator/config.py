@@ -189,6 +189,8 @@ class Device(str, enum.Enum):
 class ModelKind(str, enum.Enum):
     MLP = "mlp"
     SOFTMAX = "softmax"
+    SEQUENTIAL = "sequential"
+    TRANSFORMER = "transformer"
 
 
 class Activation(str, enum.Enum):
@@ -200,6 +202,7 @@ class Dataset(str, enum.Enum):
     DIGITS = "digits"
     MNIST = "mnist"
     SYNTHETIC = "synthetic"
+    CHARS = "chars"
 
 
 class DataFormat(str, enum.Enum):
@@ -323,16 +326,73 @@ def _is_scalar_key(info: FieldInfo | None) -> bool:
 class ModelConfig(_Group):
     """The network trained."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [  # _layers_fit_kind, for editors
+        _schema_if({"kind": {"const": "sequential"}}, {"layers": {"type": "array", "minItems": 1}}),
+        {"if": {"properties": {"kind": {"const": "transformer"}}, "required": ["kind"]},
+         "then": {"properties": {"layers": {"type": ["integer", "null"]}}}}]})
+
     kind: ModelKind = _choice(ModelKind.MLP, "network family")
     hidden: list[Annotated[int, Field(**rules.WIDTH.limits())]] = _key(
         [625, 625], "hidden layer widths (mlp only)", max_length=rules.MAX_LAYERS)
     activation: Activation = _choice(Activation.RELU, "hidden layer activation")
     keep_prob_input: float = _key(0.8, "dropout keep probability on the input", rules.PROBABILITY)
     keep_prob_hidden: float = _key(0.5, "dropout keep probability after each hidden layer", rules.PROBABILITY)
+    layers: Optional[Union[int, list[dict[str, Any]]]] = _key(
+        None, "sequential: the layer list ({type: conv2d, filters: 16, ...}, docs/layers.md); "
+              "transformer: number of blocks (null = 2)")
+    input_shape: Optional[list[Annotated[int, Field(**rules.WIDTH.limits())]]] = _key(
+        None, "sequential: shape of one example, e.g. [8, 8, 1] for digits as images (null = the data's)",
+        min_length=1, max_length=rules.MAX_LAYERS)
+    vocab: Optional[int] = _key(None, "transformer: token ids in [0, vocab) (null = the dataset's vocabulary)",
+                                rules.CLASSES)
+    context: Optional[int] = _key(None, "transformer: positions per example (null = the data's; chars: "
+                                        "data.context)", rules.WIDTH)
+    d_model: int = _key(128, "transformer: width of the residual stream", rules.WIDTH)
+    heads: int = _key(4, "transformer: attention heads (d_model must be a multiple)", rules.WIDTH)
+    ff_dim: Optional[int] = _key(None, "transformer: feed-forward width (null = 4 * d_model)", rules.WIDTH)
+    dropout: float = _key(0.1, "transformer: dropout rate (embeddings, attention, residual branches)",
+                          rules.DROPOUT_RATE)
     factory: Optional[FactoryText] = _key(
         None, "plug-in model 'module:callable', called as build(*, input_shape, num_classes, backend, seed, "
               "**args); replaces kind and the keys above (docs/plugins.md)")
     args: dict[str, Any] = _key({}, "keyword arguments for model.factory")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_fit_kind(cls, data: Any) -> Any:
+        """``layers`` is a list for sequential, a block count for transformer (said before pydantic
+        reports both union branches failing)."""
+        if not isinstance(data, dict) or data.get("factory") or "layers" not in data:
+            return data
+        kind, layers = str(data.get("kind", ModelKind.MLP.value)), _env_scalar(data["layers"])
+        if kind == ModelKind.SEQUENTIAL.value and not isinstance(layers, list):
+            raise Problem(f"kind sequential needs a list of layers ({{type: dense, units: 64}}, ...), "
+                          f"got {_type_name(layers)} {_show(layers)}", key="layers")
+        if kind == ModelKind.TRANSFORMER.value and (isinstance(layers, bool) or not isinstance(layers, int)):
+            raise Problem(f"kind transformer takes the number of blocks (an integer), got {_type_name(layers)} "
+                          f"{_show(layers)}", key="layers")
+        return data
+
+    @model_validator(mode="after")
+    def _kind_keys(self):
+        """Keys of the layer-library kinds are for their kind only; sequential needs its layer list."""
+        if self.factory:
+            return self
+        for key in sorted(self.model_fields_set & set(_KIND_KEYS)):   # given, and not the default
+            if self.kind not in _KIND_KEYS[key] and getattr(self, key) != type(self).model_fields[key].default:
+                kinds = " or ".join(k.value for k in _KIND_KEYS[key])
+                raise Problem(f"applies to kind {kinds} only (kind is {self.kind.value})", key=key)
+        if self.kind is ModelKind.SEQUENTIAL and not self.layers:
+            raise Problem("kind sequential needs layers: a non-empty list of layers ({type: dense, units: 64}, ...)",
+                          key="layers", at="kind" if self.layers is None else "layers")
+        if self.kind is ModelKind.TRANSFORMER and self.layers is not None and not rules.WIDTH.holds(self.layers):
+            raise Problem(rules.WIDTH.problem(self.layers), key="layers")
+        return self
+
+
+_KIND_KEYS = {"layers": (ModelKind.SEQUENTIAL, ModelKind.TRANSFORMER), "input_shape": (ModelKind.SEQUENTIAL,),
+              **{key: (ModelKind.TRANSFORMER,) for key in ("vocab", "context", "d_model", "heads", "ff_dim",
+                                                            "dropout")}}
 
 
 class DataConfig(_Group):
@@ -341,10 +401,12 @@ class DataConfig(_Group):
     model_config = ConfigDict(json_schema_extra={"allOf": [  # _needs_path, for editors
         _schema_if({"dataset": {"const": "mnist"}}, {"path": {"type": "string", "minLength": 1}})]})
 
-    dataset: Dataset = _choice(Dataset.DIGITS, "dataset: digits (bundled), mnist (IDX files), synthetic")
+    dataset: Dataset = _choice(Dataset.DIGITS, "dataset: digits (bundled), mnist (IDX files), synthetic, chars "
+                                               "(next-character windows of `path`, a UTF-8 text; null path = "
+                                               "Python's pydoc topics)")
     format: Optional[DataFormat] = _choice(
         None, "data from files: npz, npy, parquet or csv at `path` (replaces dataset; docs/plugins.md)")
-    path: Optional[Text] = _key(None, "mnist or files: local path or fsspec URL (a directory of shard files for "
+    path: Optional[Text] = _key(None, "mnist, chars or files: local path or fsspec URL (a directory of shard files for "
                                       "sharded parquet/npz)")
     features: Optional[Union[Text, list[Text]]] = _key(
         None, "files: the npz/npy key of the features, or the parquet/csv column(s) (null = x, or every "
@@ -352,12 +414,14 @@ class DataConfig(_Group):
     labels: Optional[Text] = _key(None, "files: the npz/npy key or the parquet/csv column of the labels (null = y)")
     eval_path: Optional[Text] = _key(None, "files: the evaluation set, same format as `path`")
     eval_fraction: Optional[float] = _key(
-        None, "files: hold out this fraction of `path` for evaluation (a fixed seeded split)", rules.FRACTION)
+        None, "files: hold out this fraction of `path` for evaluation (a fixed seeded split); chars: the "
+              "text's last fraction (null = 0.1)", rules.FRACTION)
     factory: Optional[FactoryText] = _key(
         None, "plug-in data 'module:callable', called as load(*, seed, **args) -> "
               "(train_x, train_y, eval_x, eval_y)")
     args: dict[str, Any] = _key({}, "keyword arguments for data.factory")
     storage_options: dict[str, Any] = _key({}, "fsspec options for `path` (may hold ${VAR} references)")
+    context: int = _key(64, "chars only: characters per example (the model predicts each next one)", rules.WIDTH)
     num_examples: int = _key(10000, "synthetic only: number of training examples", rules.EXAMPLES)
     input_dim: int = _key(784, "synthetic only: features per example", rules.WIDTH)
     num_classes: Optional[int] = _key(

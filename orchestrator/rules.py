@@ -101,6 +101,7 @@ WIDTH = Bound(ge=1, le=MAX_WIDTH)
 CLASSES = Bound(ge=2, le=MAX_CLASSES)
 BATCH = Bound(ge=1, le=MAX_EXAMPLES)
 PROBABILITY = Bound(gt=0, le=1)             # dropout keep probabilities
+DROPOUT_RATE = Bound(ge=0, lt=1)            # layer-library dropout rates
 # Training examples of the bundled digits (scikit-learn's 1797, less the stratified 20 % test split),
 # known without loading them; tests/engine/test_data.py checks it against load_digits().
 DIGITS_TRAIN_EXAMPLES = 1438

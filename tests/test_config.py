@@ -83,6 +83,12 @@ CASES = [
     ("checkpointing-off", GOOD.replace("  save_every_steps: 10", "  save_every_steps: 0  #<"), [],
      "checkpoint.save_every_steps: checkpointing is off"),
     ("keep-best-without-metric", GOOD + "  keep_best: 2  #<\n", [], "checkpoint.keep_best: needs best_metric"),
+    ("sequential-without-layers", GOOD.replace("  hidden: [32, 32]", "  kind: sequential  #<"), [],
+     "model.layers: kind sequential needs layers"),
+    ("transformer-layers-as-list", GOOD.replace("  hidden: [32, 32]", "  kind: transformer\n  layers: [2]  #<"), [],
+     "model.layers: kind transformer takes the number of blocks (an integer), got list [2]"),
+    ("key-of-another-kind", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]\n  heads: 4  #<"), [],
+     "model.heads: applies to kind transformer only (kind is mlp)"),
     ("mnist-without-path", GOOD + "data:\n  dataset: mnist  #<\n", [], "data.path: dataset mnist needs data.path"),
     ("max-failures-below-minus-one", GOOD + "fault_tolerance:\n  max_failures: -2  #<\n", [],
      "fault_tolerance.max_failures: must be >= -1 (got -2)"),
@@ -341,6 +347,7 @@ SCHEMA_BLIND = {
     "env-ref-malformed": "inside storage_options, any fsspec option is allowed",
     "workers-min-above-max": "JSON Schema cannot compare two values",
     "set-without-equals": "a command-line syntax error",
+    "key-of-another-kind": "a key left at its default is fine with any kind; JSON Schema cannot compare to defaults",
 }
 
 

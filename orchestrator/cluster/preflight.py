@@ -29,7 +29,6 @@ from orchestrator.engine import plugins, protocol
 from orchestrator.engine.backend import numpy_backend
 from orchestrator.engine.data import Dataset, DatasetError
 from orchestrator.engine.files import ShardPlan
-from orchestrator.engine.models import build_model
 
 CHECK_EXAMPLES = 8
 
@@ -68,7 +67,7 @@ def build_on_cpu(config) -> tuple[Any, Dataset]:
     of shards, its first shard)."""
     import_factories(config)
     sample = _sample(load_checked_data(config))
-    return build_model(recipe.model_spec(config, sample), numpy_backend(), int(config.seed)), sample
+    return recipe.build_model(config, sample, numpy_backend()), sample
 
 
 def load_checked_data(config) -> Dataset | ShardPlan:

@@ -9,7 +9,10 @@ the same retention settings.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
+
+import numpy as np
 
 from orchestrator import rules
 from orchestrator.checkpoint import bundle, state, warm_start
@@ -20,8 +23,10 @@ from orchestrator.config import ConfigError, Dataset, JobConfig, ModelKind
 from orchestrator.engine import data as data_lib
 from orchestrator.engine import files as files_lib
 from orchestrator.engine import models as models_lib
+from orchestrator.engine import network as network_lib
 from orchestrator.engine import optimizers as optimizers_lib
 from orchestrator.engine import plugins as plugins_lib
+from orchestrator.engine import transformer as transformer_lib
 
 SYNTHETIC_CLASSES = 10  # data.num_classes null on a synthetic dataset
 
@@ -90,6 +95,8 @@ def load_data(config: JobConfig) -> "data_lib.Dataset":
     if cfg.dataset is Dataset.SYNTHETIC:
         opts = {"num_examples": cfg.num_examples, "input_dim": cfg.input_dim,
                 "num_classes": cfg.num_classes or SYNTHETIC_CLASSES, "seed": config.seed}
+    if cfg.dataset is Dataset.CHARS:
+        opts = {"context": cfg.context, **({} if cfg.eval_fraction is None else {"eval_fraction": cfg.eval_fraction})}
     return data_lib.load_dataset(cfg.dataset.value, path=cfg.path, storage_options=dict(cfg.storage_options),
                                  **opts)
 
@@ -145,13 +152,23 @@ def num_classes(config: JobConfig, dataset) -> int | None:
     return dataset.num_classes
 
 
-def model_spec(config: JobConfig, dataset) -> "models_lib.ModelSpec | plugins_lib.PluginSpec":
-    """What the job trains: a built-in ``ModelSpec`` or a plug-in's ``PluginSpec``."""
+def model_spec(config: JobConfig, dataset) -> Any:
+    """What the job trains: a built-in ``ModelSpec``, a layer-library spec (``SequentialSpec``,
+    ``TransformerSpec``) or a plug-in's ``PluginSpec``. A spec the data cannot feed raises
+    ``PluginError`` at the model key at fault."""
     cfg = config.model
     if cfg.factory:
         return plugins_lib.PluginSpec(cfg.factory, dict(cfg.args), dataset.input_shape,
                                       num_classes(config, dataset))
-    _check_builtin_fits(cfg.kind.value, dataset)
+    _check_classifier(cfg.kind.value, dataset)
+    try:
+        if cfg.kind is ModelKind.SEQUENTIAL:
+            return _sequential_spec(config, dataset)
+        if cfg.kind is ModelKind.TRANSFORMER:
+            return _transformer_spec(config, dataset)
+    except models_lib.ModelSpecError as exc:
+        raise model_error(config, exc) from None
+    _check_flat(cfg.kind.value, dataset)
     return models_lib.ModelSpec(
         kind=cfg.kind.value,
         input_dim=int(dataset.train_x.shape[1]),
@@ -163,11 +180,63 @@ def model_spec(config: JobConfig, dataset) -> "models_lib.ModelSpec | plugins_li
     )
 
 
-def _check_builtin_fits(kind: str, dataset) -> None:
+def build_model(config: JobConfig, dataset, backend: Any) -> Any:
+    """The job's model on ``backend`` with the job's seed; a layer list that does not build
+    (shapes that do not chain) raises ``PluginError`` at the model key at fault."""
+    spec = model_spec(config, dataset)
+    try:
+        return models_lib.build_model(spec, backend, int(config.seed))
+    except models_lib.ModelSpecError as exc:
+        raise model_error(config, exc) from None
+
+
+def model_error(config: JobConfig, exc: Exception) -> "plugins_lib.PluginError":
+    """``exc`` (a ``ModelSpecError``) as a ``PluginError`` whose key is the model key it names."""
+    where = re.match(r"\w*", str(exc)).group()      # "layers[2].filters: ..." -> layers
+    key = f"model.{where}" if where in type(config.model).model_fields else "model.kind"
+    return plugins_lib.PluginError(f"model: {exc}", key)
+
+
+def _sequential_spec(config: JobConfig, dataset) -> "network_lib.SequentialSpec":
+    """The layer list of ``model`` on examples of ``model.input_shape`` (the data's by default)."""
+    shape = tuple(config.model.input_shape or dataset.input_shape)
+    if int(np.prod(shape)) != int(np.prod(dataset.input_shape)):
+        raise plugins_lib.PluginError(
+            f"model.input_shape {list(shape)} holds {int(np.prod(shape))} values; the data's examples hold "
+            f"{int(np.prod(dataset.input_shape))} ({list(dataset.input_shape)})", "model.input_shape")
+    return network_lib.SequentialSpec(input_shape=shape, num_classes=num_classes(config, dataset),
+                                      layers=config.model.layers)
+
+
+def _transformer_spec(config: JobConfig, dataset) -> "transformer_lib.TransformerSpec":
+    """The transformer of ``model``; vocab and context default to (and must fit) the data's."""
+    cfg = config.model
+    if dataset.train_x.ndim != 2 or not np.issubdtype(dataset.train_x.dtype, np.integer):
+        raise plugins_lib.PluginError(
+            f"model.kind transformer needs token ids of shape [N, positions], got {dataset.train_x.dtype} "
+            f"features of shape [N, {', '.join(map(str, dataset.input_shape))}] (use dataset: chars)", "model.kind")
+    positions, classes = int(dataset.train_x.shape[1]), num_classes(config, dataset)
+    if cfg.context is not None and cfg.context != positions:
+        raise plugins_lib.PluginError(f"model.context {cfg.context} differs from the data's {positions} "
+                                      f"positions per example (chars: data.context)", "model.context")
+    if cfg.vocab is not None and cfg.vocab < classes:
+        raise plugins_lib.PluginError(f"model.vocab {cfg.vocab} is smaller than the data's {classes} tokens",
+                                      "model.vocab")
+    optional = {"layers": cfg.layers, "ff_dim": cfg.ff_dim,
+                "activation": cfg.activation.value if "activation" in cfg.model_fields_set else None}
+    return transformer_lib.TransformerSpec(
+        vocab=cfg.vocab or classes, context=positions, d_model=cfg.d_model, heads=cfg.heads, dropout=cfg.dropout,
+        **{key: value for key, value in optional.items() if value is not None})
+
+
+def _check_classifier(kind: str, dataset) -> None:
     if dataset.is_regression:
         raise plugins_lib.PluginError(
             f"model.kind {kind} is a classifier but the labels are floating point (regression): "
             f"use integer class labels or a plug-in model (model.factory)", "model.kind")
+
+
+def _check_flat(kind: str, dataset) -> None:
     if dataset.train_x.ndim != 2:
         raise plugins_lib.PluginError(
             f"model.kind {kind} needs features of shape [N, D], got [N, "
