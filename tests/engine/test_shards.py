@@ -34,9 +34,15 @@ def write_shards(directory: Path, shards: int = SHARDS, rows: int = ROWS, featur
 
 def test_each_worker_holds_its_share_plus_at_most_one_shard(tmp_path):
     x, y = write_shards(tmp_path / "shards")
-    plan = load_files(FileSource("npz", str(tmp_path / "shards")))
-    assert isinstance(plan, ShardPlan) and plan.rows == (ROWS,) * SHARDS and plan.classes == 3
     shard_bytes = ROWS * (FEATURES * 4 + 8)
+    tracemalloc.start()
+    try:
+        plan = load_files(FileSource("npz", str(tmp_path / "shards")))  # what the driver does
+        driver_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(plan, ShardPlan) and plan.rows == (ROWS,) * SHARDS and plan.classes == 3
+    assert driver_peak <= 2 * shard_bytes + READ_BUFFER, driver_peak  # one shard and its checks, never 8
     for rank, owned in enumerate([[0, 3, 6], [1, 4, 7], [2, 5]]):
         tracemalloc.start()
         try:
