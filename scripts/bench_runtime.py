@@ -4,7 +4,10 @@
 (b) aggregate checkpoint write throughput with M = 1, 2, 4 writers vs a raw write+fsync of the
     same bytes to the same disk;
 (c) training steps/second with M = 1, 2, 4 (the 784-625-625-10 reference MLP, batch 128), each
-    step split into compute (the engine), communication and orchestration, and the ratio M/1.
+    step split into compute (the engine), communication and orchestration, and the ratio M/1;
+(d) side by side with Ray Train + PyTorch DDP (gloo backend) doing the same work: the same MLP,
+    global batch 128 split over the same M workers, SGD, synthetic data, one thread per worker.
+    Needs the ``bench`` extra (torch, ray[train]).
 
     python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
 
@@ -66,9 +69,9 @@ def started(config: JobConfig) -> Coordinator:
 
 
 def mean_step_time(coordinator: Coordinator, steps: int) -> float:
+    """Seconds per step of ``steps`` steps run as in a job (chunks of steps inside the workers)."""
     begin = time.perf_counter()
-    for _ in range(steps):
-        coordinator.step_once()
+    coordinator.advance(steps)
     return (time.perf_counter() - begin) / steps
 
 
@@ -195,6 +198,53 @@ def bench_steps(root: str, worker_counts: list[int], steps: int) -> list[StepSpl
     return splits
 
 
+# ------------------------------------------------------------------------------ (d)
+def ddp_loop(config: dict) -> None:
+    """One Ray Train worker: the 784-625-625-10 MLP under DDP (gloo), its share of batch 128, SGD."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(torch.nn.Sequential(
+        torch.nn.Linear(784, 625), torch.nn.ReLU(), torch.nn.Linear(625, 625), torch.nn.ReLU(),
+        torch.nn.Linear(625, 10)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    local = 128 // world + (1 if rank < 128 % world else 0)
+    generator = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, local, 784, generator=generator), torch.randint(0, 10, (4, local), generator=generator)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+
+    def steps(count: int) -> float:
+        begin = time.perf_counter()
+        for i in range(count):
+            optimizer.zero_grad(set_to_none=True)
+            (loss_fn(model(x[i % 4]), y[i % 4]) / 128).backward()
+            optimizer.step()
+        return time.perf_counter() - begin
+
+    steps(config["warmup"])
+    ray.train.report({"step_s": steps(config["steps"]) / config["steps"]})
+
+
+def bench_ddp(root: str, workers: int, steps: int, ours: StepSplit) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(ddp_loop, train_loop_config={"warmup": WARMUP_STEPS, "steps": steps},
+                           scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.25}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(storage_path=os.path.join(root, "ray_train"), name="ddp"))
+    theirs = trainer.fit().metrics["step_s"]
+    print(f"(d) side by side, M={workers}, same MLP / batch 128 / SGD / synthetic data / 1 thread per worker:")
+    print(f"    orchestrator (c): {ours.steps_per_s:.1f} steps/s; Ray Train + PyTorch DDP (gloo): "
+          f"{1 / theirs:.1f} steps/s (timed inside its training loop, {steps} steps after {WARMUP_STEPS})")
+    print(f"    ours / theirs = {theirs / ours.step_s:.2f}x (target >= 1.0x): "
+          f"{'MET' if ours.step_s <= theirs else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-mb", type=float, default=200.0, help="parameter bytes of the wide MLP (a, b)")
@@ -204,7 +254,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="saves per M in (b)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per M in (c)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
-    parser.add_argument("--only", choices=["a", "b", "c"], nargs="+", default=["a", "b", "c"])
+    parser.add_argument("--only", choices=["a", "b", "c", "d"], nargs="+", default=["a", "b", "c", "d"])
+    parser.add_argument("--ddp-workers", type=int, default=2, help="M of the side by side (d); must be in --workers")
     args = parser.parse_args()
     for name in BLAS_THREAD_VARIABLES:  # one BLAS thread per worker: Ray's workers inherit these
         os.environ[name] = "1"
@@ -216,8 +267,10 @@ def main() -> None:
             bench_stall(root, args.model_mb, args.stall_workers, args.rounds)
         if "b" in args.only:
             bench_throughput(root, args.model_mb, args.workers, args.repeats)
-        if "c" in args.only:
-            bench_steps(root, args.workers, args.steps)
+        if "c" in args.only or "d" in args.only:
+            splits = bench_steps(root, args.workers, args.steps)
+        if "d" in args.only:
+            bench_ddp(root, args.ddp_workers, args.steps, next(s for s in splits if s.workers == args.ddp_workers))
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

@@ -7,8 +7,12 @@ It is a steppable state machine so the fault-tolerance supervisor can wrap it:
     result = coord.run(stop_requested, deadline)  # READY -> FINISHED | PREEMPTED (or raises WorkerFailedError)
     coord.shutdown()                     # -> SHUT_DOWN, idempotent
 
-``step_once()`` runs one global step; policies decide (``SavePolicy``, ``EvalPolicy``),
-the coordinator acts. Only the coordinator commits a checkpoint: it starts each worker's
+The workers run the step loop themselves and exchange gradients and parameters directly
+(``exchange``); the coordinator starts chunks of steps (``train_chunk``), each ending at
+the next step where something is due (a save or an evaluation by step count, the end of
+training) or after about ``CHUNK_SECONDS`` (so time-based saves and preemption notices are
+acted on promptly). ``step_once()`` is a chunk of one step. Between chunks policies decide
+(``SavePolicy``, ``EvalPolicy``) and the coordinator acts. Only the coordinator commits a checkpoint: it starts each worker's
 shard write, collects every ``ShardResult`` and calls ``CheckpointManager.commit``
 (index, then state file, then retention). A save whose shard failed is dropped as a
 whole: the other shards' data files are removed, the previous checkpoint stays latest,
@@ -38,10 +42,10 @@ from orchestrator.checkpoint import warm_start
 from orchestrator.checkpoint.errors import CheckpointError, SaveFailedError, StateUpdateError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe, shipping
-from orchestrator.cluster.collectives import Collective, make_collective
 from orchestrator.cluster.emergency import MARGIN_S, Tier, plan_emergency
 from orchestrator.cluster.errors import (CheckpointingFailedError, ClusterError, NonFiniteLossError,
                                          RestoreError, WorkerFailedError)
+from orchestrator.cluster.exchange import PeerFailedError
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
@@ -56,6 +60,9 @@ log = logging.getLogger(__name__)
 DETERMINISTIC_ERRORS = (PluginError, DatasetError)
 START_TIMEOUT_FLOOR_S = 120.0  # actor start includes loading the dataset
 CONTROL_TIMEOUT_S = 60.0       # small control calls (info, abandon)
+CHUNK_SECONDS = 0.25           # a chunk of steps lasts about this long (preemption and save_every_secs latency)
+MAX_CHUNK_STEPS = 1000
+PEER_REPORT_SLACK = 0.5        # x step_timeout_s: a peer waiting on a hung rank says which one, after step_timeout_s
 
 
 class CoordinatorState(str, enum.Enum):
@@ -136,15 +143,19 @@ class Coordinator:
     worker_factory: Callable[[], Any] = staticmethod(remote_worker_class)  # test seam
 
     def __init__(self, config, num_workers: int | None = None, reporter: Any = None,
-                 resume: str | None = None, collective: Collective | None = None,
-                 clock: Callable[[], float] = time.monotonic, dataset: Any = None):
-        """``dataset``: the job's data already loaded (a ``Dataset`` or its ObjectRef); None loads it."""
+                 resume: str | None = None, clock: Callable[[], float] = time.monotonic, dataset: Any = None,
+                 max_chunk_steps: int = MAX_CHUNK_STEPS):
+        """``dataset``: the job's data already loaded (a ``Dataset`` or its ObjectRef); None loads it.
+        ``max_chunk_steps``: the most steps per chunk (1: the driver sees, and can stop at, every step)."""
         self.config = shipping.absolute_paths(config)  # plug-in workers run in a copy of the job directory
         self.dataset = dataset
         self.num_workers = int(num_workers or config.workers.max)
         self.reporter = reporter or _NullReporter()
         self.resume = str(resume if resume is not None else config.resume)
-        self.collective = collective or make_collective(self._uses_gpu(), self.num_workers)
+        self.exchange = "nccl" if self._uses_gpu() and self.num_workers > 1 else "socket" if self.num_workers > 1 \
+            else "local"  # how the workers combine a step (orchestrator.cluster.exchange)
+        self.max_chunk_steps = int(max_chunk_steps)
+        self._step_seconds: float | None = None  # the latest chunk's time per step (sizes the next chunk)
         self.clock = clock
         self.state = CoordinatorState.CREATED
         self.workers: list[Any] = []
@@ -210,10 +221,15 @@ class Coordinator:
             self._restore(prefix)
         elif self.config.init_from is not None:
             self._warm_start()
-        self.collective.attach(self.workers, timeout)
+        self._connect_workers(timeout)
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
         self.ready_at = self.last_progress = self.clock()
+
+    def _connect_workers(self, timeout: float) -> None:
+        """Connect the workers' exchange; every rank then holds every owner's parameters."""
+        addresses = self._get_all([w.exchange_address.remote() for w in self.workers], timeout, "connecting")
+        self._get_all([w.exchange_connect.remote(addresses) for w in self.workers], timeout, "connecting")
 
     def resume_prefix(self) -> str | None:
         """The checkpoint to restore from, per ``resume``: auto | never | <prefix or directory>."""
@@ -267,7 +283,7 @@ class Coordinator:
                     self._emergency_checkpoint(deadline())
                     self.state = CoordinatorState.PREEMPTED
                     return self.result()
-                self.step_once()
+                self.train_chunk(self.chunk_size(self.config.train.steps))
             self._final_eval()
             return self._stop(CoordinatorState.FINISHED)
         except (NonFiniteLossError, *DETERMINISTIC_ERRORS):
@@ -290,17 +306,44 @@ class Coordinator:
 
     def step_once(self) -> dict[str, float]:
         """One global step on every worker, then the eval/save decisions for the new step."""
+        return self.train_chunk(1)
+
+    def advance(self, steps: int) -> dict[str, float]:
+        """``steps`` more global steps, in chunks, acting on the policies between chunks."""
+        target = self.global_step + steps
+        while self.global_step < target:
+            self.train_chunk(self.chunk_size(target))
+        return self.metrics
+
+    def chunk_size(self, until: int) -> int:
+        """Steps in the next chunk: to the next step where a save or an evaluation is due, or
+        ``until``, at most about ``CHUNK_SECONDS`` long (one step while the step time is unknown)."""
+        step = self.global_step
+        bounds = [until - step, self.max_chunk_steps]
+        for every in (self.save_policy.every_steps, self.eval_policy.every_steps):
+            if every:
+                bounds.append(every - step % every)
+        bounds.append(1 if self._step_seconds is None else max(1, int(CHUNK_SECONDS / self._step_seconds)))
+        return max(1, min(bounds))
+
+    def train_chunk(self, count: int) -> dict[str, float]:
+        """Steps ``global_step .. +count-1`` on every worker (they exchange among themselves), then
+        report each step and act on the eval/save decisions for the new step."""
         step, started = self.global_step, self.clock()
-        handles = self.collective.train_step(step)
-        values = self._wait_refs(handles.pending, step, self.step_timeout, "training")
-        by_ref = {ref.hex(): value for (_, ref), value in zip(handles.pending, values)}
-        per_rank = [by_ref[ref.hex()] for ref in handles.metrics]  # the metrics refs are among pending
-        self.global_step = step + 1
+        refs = [w.train_steps.remote(step, count) for w in self.workers]
+        # slack: the chunk's own expected time, and room for a waiting peer to report which rank hung
+        slack = 2 * count * (self._step_seconds or 0.0) + PEER_REPORT_SLACK * self.step_timeout
+        per_rank = self._wait_refs(list(enumerate(refs)), step, self.step_timeout, "training", slack=slack)
+        done = len(per_rank[0])
         self.last_progress = self.clock()
-        self.metrics = aggregate_metrics(per_rank, self.last_progress - started)
-        if not math.isfinite(self.metrics["loss"]):
-            raise NonFiniteLossError(self.global_step, self.metrics["loss"], self.manager.latest_checkpoint)
-        self._report_step()
+        seconds = (self.last_progress - started) / max(1, done)
+        self._step_seconds = seconds
+        for index in range(done):
+            self.global_step = step + index + 1
+            self.metrics = aggregate_metrics([steps[index] for steps in per_rank], seconds)
+            if not math.isfinite(self.metrics["loss"]):
+                raise NonFiniteLossError(self.global_step, self.metrics["loss"], self.manager.latest_checkpoint)
+            self._report_step()
         self.poll_save()
         if self.eval_policy.due(self.global_step):
             self.evaluate()
@@ -317,7 +360,7 @@ class Coordinator:
             self.reporter.on_step(step, dict(self.metrics))
 
     def evaluate(self) -> dict[str, float]:
-        ref = self.collective.evaluate()
+        ref = self.workers[0].evaluate.remote()  # every rank holds every parameter
         self.eval_metrics = self._get_all([ref], self.step_timeout, "evaluating")[0]
         self.reporter.on_eval(self.global_step, {k.removeprefix("eval_"): v for k, v in self.eval_metrics.items()})
         return self.eval_metrics
@@ -502,37 +545,63 @@ class Coordinator:
             self.manager.cleanup_uncommitted()  # whatever a dead worker left behind
 
     # ------------------------------------------------------------------ waiting
-    def _wait_refs(self, pending: Sequence[tuple[int, Any]], step: int, timeout: float, doing: str) -> list:
-        """The values of every (rank, ref), in order; the first failure in submission order wins,
-        then timeouts."""
+    def _wait_refs(self, pending: Sequence[tuple[int, Any]], step: int, timeout: float, doing: str,
+                   slack: float = 0.0) -> list:
+        """The values of every (rank, ref), in order, waiting ``timeout + slack`` seconds.
+
+        The rank at fault: the first failure in submission order that is not a peer's report
+        (a worker's own error or death), then a rank that did not answer, then what a peer
+        reported about another rank (``PeerFailedError``: died or hung in the exchange)."""
         refs = [ref for _, ref in pending]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout + slack, fetch_local=False)
         if len(ready) == len(refs):
             try:  # the common case: one batched get per wait, not one get per ref
                 return ray.get(refs, timeout=CONTROL_TIMEOUT_S)
             except ray.exceptions.RayError:
                 pass  # find the rank at fault below
         ready_ids = {r.hex() for r in ready}
-        for rank, ref in pending:  # compute refs come before apply refs: the root cause first
+        reported = []
+        for rank, ref in pending:
             if ref.hex() in ready_ids:
-                self._raise_if_failed(rank, ref, step)
+                failure, by_peer = self._failure(rank, ref, step)
+                if failure is not None and not by_peer:
+                    raise failure
+                if failure is not None:
+                    reported.append(failure)
         for rank, ref in pending:
             if ref.hex() not in ready_ids:
                 raise WorkerFailedError(rank, f"no answer within {timeout:g} s while {doing} "
                                               f"(fault_tolerance.step_timeout_s={self.step_timeout:g})", step,
                                         "worker_hung")
+        if reported:
+            raise reported[0]
         return ray.get(refs, timeout=CONTROL_TIMEOUT_S)  # every ref succeeded on its own
 
-    def _raise_if_failed(self, rank: int, ref: Any, step: int) -> None:
+    def _failure(self, rank: int, ref: Any, step: int) -> tuple[BaseException | None, bool]:
+        """(the error ``ref`` ended with, mapped to the rank at fault, or None; whether a peer reported it)."""
         try:
             ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+            return None, False
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, DETERMINISTIC_ERRORS):  # a restart would fail the same way
-                raise exc.cause from None
-            raise WorkerFailedError(rank, _task_cause(exc), step) from exc
+            cause = exc.cause
+            if isinstance(cause, DETERMINISTIC_ERRORS):  # a restart would fail the same way
+                return cause, False
+            if isinstance(cause, PeerFailedError):
+                return _chained(self._peer_failure(cause, step), exc), True
+            return _chained(WorkerFailedError(rank, _task_cause(exc), step), exc), False
         except ray.exceptions.RayError as exc:
-            raise WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step,
-                                    self._death_kind(rank)) from exc
+            return _chained(WorkerFailedError(rank, f"worker died ({type(exc).__name__}: {exc})", step,
+                                              self._death_kind(rank)), exc), False
+
+    def _peer_failure(self, report: PeerFailedError, step: int) -> WorkerFailedError:
+        """What rank ``report.rank`` saw of rank ``report.peer`` in the exchange, as that peer's failure."""
+        at = report.step if report.step >= 0 else step
+        if report.hung:
+            return WorkerFailedError(report.peer, f"no answer within {self.step_timeout:g} s while training "
+                                                  f"(fault_tolerance.step_timeout_s={self.step_timeout:g}; "
+                                                  f"reported by rank {report.rank})", at, "worker_hung")
+        return WorkerFailedError(report.peer, f"worker died (rank {report.rank} lost its connection: "
+                                              f"{report.cause})", at, self._death_kind(report.peer))
 
     def _death_kind(self, rank: int) -> str:
         """``node_lost`` when the dead worker's node is gone too, else ``worker_died``."""
@@ -580,6 +649,11 @@ def aggregate_metrics(per_rank: Sequence[Mapping[str, Any]], seconds: float) -> 
         metrics[name] = sum(m.get("sums", {}).get(name, 0.0) for m in per_rank) / examples
     metrics.update(step_time=seconds, examples_per_sec=examples / seconds if seconds > 0 else 0.0)
     return metrics
+
+
+def _chained(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
 
 
 def _task_cause(exc: Any) -> str:

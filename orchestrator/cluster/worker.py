@@ -7,10 +7,13 @@ checkpoint shard ``<prefix>.data-<rank>-of-<M>``. Worker 0 also writes the job's
 small records (``global_step``, ``_ITERATOR_STATE``, ``_RNG_STATE``,
 ``_MODEL_STRUCTURE``).
 
-Call sequence of one step (the coordinator drives it, see ``collectives``):
-
-1. (all ranks) ``compute_grads(step, *params_of_each_owner)`` -> (metrics, grads for owner 0..M-1)
-2. (owners)    ``apply_grads(step, *grads_from_rank_0..M-1)`` -> this owner's new params
+Training runs in the workers: the coordinator asks every rank for a chunk of steps
+(``train_steps(step, count)``) and each rank runs the engine's step (``engine.step.TrainStep``)
+that many times, exchanging gradients and parameters directly with its peers
+(``exchange``: a TCP mesh on CPUs, NCCL on GPUs). Before the first chunk the
+coordinator connects them: ``exchange_address()`` on every rank, then
+``exchange_connect(addresses)``, which also brings every rank the owners' current
+parameters (after a restore each rank read only what it owns).
 
 Saves: ``start_save`` (training thread: snapshot, then write in the background when
 async) and ``wait_save`` (the ``io`` concurrency group, so it can block while training
@@ -32,14 +35,15 @@ from orchestrator.checkpoint import structure as structure_lib
 from orchestrator.checkpoint import warm_start as warm_start_lib
 from orchestrator.checkpoint.reader import CheckpointReader
 from orchestrator.cluster import recipe
-from orchestrator.cluster.collectives import NcclGroup
 from orchestrator.cluster.errors import ClusterError, RestoreError
+from orchestrator.cluster.exchange import NcclExchange, SocketExchange
 from orchestrator.cluster.ownership import assign_owners
 from orchestrator.cluster.shard_save import ShardSaver
 from orchestrator.engine import protocol
 from orchestrator.engine.data import DatasetError
 from orchestrator.engine.backend import get_backend
 from orchestrator.engine.models import build_model
+from orchestrator.engine.step import LocalExchange, TrainStep
 
 GLOBAL_STEP_KEY = "global_step"
 ITERATOR_STATE_KEY = "_ITERATOR_STATE"
@@ -63,10 +67,9 @@ class StepTimings:
     """Where one rank's training time went, summed over steps (``scripts/bench_runtime.py`` reads it).
 
     compute: the engine's work (batch gather, forward, backward, the in-order gradient sum,
-    the optimizer update). exchange: moving gradients and parameters inside this process
-    (host copies, building the per-owner dicts, installing received parameters). Time
-    outside the worker's methods (driver round trips, Ray serialization and transfers) is
-    neither; the benchmark reports it as orchestration.
+    the optimizer update). exchange: moving gradients and parameters between the ranks,
+    waiting for the slowest peer included. Time outside ``train_steps`` (driver round
+    trips, Ray task submission) is neither; the benchmark reports it as orchestration.
     """
 
     steps: int = 0
@@ -109,9 +112,16 @@ class TrainWorker:
         self.sampler = recipe.make_sampler(config, self.dataset, self.seed)
         self.global_step = 0
         self.saver = ShardSaver(rank, config.checkpoint.storage_options, config.checkpoint.fsync)
-        self._train_x = self.backend.asarray(self.dataset.train_x)  # host -> device once
-        self._train_y = self.backend.asarray(self.dataset.train_y)
+        self.step = self._train_step()
+        self.exchange: Any = LocalExchange()
         self.timings = StepTimings()
+
+    def _train_step(self) -> TrainStep:
+        return TrainStep(self.model, self.optimizer, self.sampler, self.backend.asarray(self.dataset.train_x),
+                         self.backend.asarray(self.dataset.train_y), seed=self.seed,  # host -> device once
+                         global_batch_size=self.config.data.global_batch_size, owned=self.owned, slots=self.slots,
+                         rank=self.rank, world=self.num_workers, xp=self.backend.xp,
+                         before_update=self.saver.wait_snapshot)  # an async save must have copied the values first
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict:
@@ -120,61 +130,60 @@ class TrainWorker:
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "owned": list(self.owned), "global_step": self.global_step}
 
+    # ------------------------------------------------------------------ exchange
+    def exchange_address(self) -> Any:
+        """Open this rank's end of a fresh exchange; what the peers need to reach it."""
+        self.exchange.close()
+        if self.num_workers == 1:
+            self.exchange = LocalExchange()
+            return None
+        if self.backend.is_gpu:
+            self.exchange = NcclExchange(self.rank, self.num_workers, self.variables, self.ownership)
+        else:
+            self.exchange = SocketExchange(self.rank, self.num_workers, self.variables, self.ownership,
+                                           timeout=float(self.config.fault_tolerance.step_timeout_s),
+                                           host=ray.util.get_node_ip_address())
+        return self.exchange.address()
+
+    def exchange_connect(self, addresses: list) -> None:
+        """Join the exchange (every rank's ``exchange_address``), then take every owner's parameters."""
+        if self.num_workers > 1:
+            self.exchange.connect(addresses)
+            self.exchange.share(self.global_step, 0.0)
+
     # ------------------------------------------------------------------ training
-    def owned_params(self) -> dict[str, np.ndarray]:
-        return {n: self.backend.to_host(self.variables[n].value) for n in self.owned}
+    def train_steps(self, step: int, count: int) -> list[dict]:
+        """Run global steps ``step .. step+count-1``; this rank's metrics of each.
 
-    def compute_grads(self, step: int, *owner_params: Mapping[str, Any]) -> tuple:
-        """Gradients of this rank's slice of the global batch of ``step``, split by owner."""
-        self._check_step(step)
-        began = time.perf_counter()
-        params = self._gather_params(owner_params)
-        computing = time.perf_counter()
-        metrics, grads = self._slice_grads(step, params)
-        computed = time.perf_counter()
-        by_owner = [{} for _ in range(self.num_workers)]
-        for name, grad in grads.items():
-            by_owner[self.ownership.owner[name]][name] = self.backend.to_host(grad)
-        self.timings.compute_s += computed - computing
-        self.timings.exchange_s += (computing - began) + (time.perf_counter() - computed)
-        return (metrics, *by_owner)
-
-    def _slice_grads(self, step: int, params: Mapping[str, Any]) -> tuple[dict, dict]:
-        local, offset = self.sampler.split(self.sampler.next_batch(), self.rank, self.num_workers)
-        local = self.backend.asarray(local)  # host -> device on cupy
-        out = protocol.parse_step_output(self.model.loss_and_grads(
-            params, self._train_x[local], self._train_y[local], step=step, example_offset=offset,
-            global_batch_size=self.config.data.global_batch_size, seed=self.seed, train=True))
-        protocol.check_grads(out.grads, self.variables, f"step {step}: loss_and_grads")
-        metrics = {"loss_sum": out.loss_sum, "num_correct": out.num_correct, "examples": int(len(local)),
-                   "sums": out.metrics}
-        return metrics, out.grads
-
-    def apply_grads(self, step: int, *grads_by_rank: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
-        """Sum each owned gradient over ranks 0..M-1 in that order, apply the optimizer.
-
-        Returns (a tiny acknowledgement, this owner's new params).
+        Stops early, on every rank at the same step, when the global loss is not finite.
+        On any error the exchange is closed, so the peers fail at once instead of waiting
+        out the step timeout.
         """
         self._check_step(step)
-        self.saver.wait_snapshot()  # an async save must have copied the values we now change
-        began = time.perf_counter()
-        for name in self.owned:
-            total = self.backend.asarray(grads_by_rank[0][name])
-            for grads in grads_by_rank[1:]:
-                total = total + self.backend.asarray(grads[name])
-            self.optimizer.apply(self.variables[name], total, self.slots[name], step)
-        self.global_step = step + 1
-        applied = time.perf_counter()
-        params = self.owned_params()
-        self.timings.compute_s += applied - began
-        self.timings.exchange_s += time.perf_counter() - applied
-        self.timings.steps += 1
-        return {"rank": self.rank, "global_step": self.global_step}, params
+        began, exchanged = time.perf_counter(), self.exchange.seconds
+        results = []
+        try:
+            for current in range(step, step + count):
+                metrics = self.step(current, self.exchange)
+                self.global_step = current + 1
+                results.append(metrics.as_dict())
+                if not np.isfinite(metrics.global_loss_sum):
+                    break
+        except BaseException:
+            self.exchange.close()
+            raise
+        finally:
+            exchange_s = self.exchange.seconds - exchanged
+            self.timings.steps += len(results)
+            self.timings.exchange_s += exchange_s
+            self.timings.compute_s += time.perf_counter() - began - exchange_s
+        return results
 
-    def evaluate(self, *owner_params: Mapping[str, Any]) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the evaluation split; every rank holds every parameter after each step."""
         if not len(self.dataset.test_y):
             return {}  # no evaluation split
-        params = self._gather_params(owner_params)
+        params = {n: v.value for n, v in self.variables.items()}
         out = protocol.parse_eval_output(self.model.evaluate(
             params, self.backend.asarray(self.dataset.test_x), self.backend.asarray(self.dataset.test_y)))
         metrics = {"eval_loss": out.loss, **{f"eval_{k}": v for k, v in out.metrics.items()}}
@@ -182,49 +191,12 @@ class TrainWorker:
             metrics["eval_accuracy"] = out.accuracy
         return metrics
 
-    def _gather_params(self, owner_params) -> dict[str, Any]:
-        params = {}
-        for received in owner_params:
-            params.update({n: self.backend.asarray(a) for n, a in received.items()})
-        params.update({n: self.variables[n].value for n in self.owned})
-        return params
-
     def _check_step(self, step: int) -> None:
         if step != self.global_step:
             raise ClusterError(f"rank {self.rank}: asked for step {step} but is at step {self.global_step}")
 
     def step_timings(self) -> StepTimings:
         return dataclasses.replace(self.timings)
-
-    # ------------------------------------------------------------------ NCCL path (GPU)
-    def nccl_unique_id(self) -> Any:
-        return NcclGroup.new_unique_id()
-
-    def nccl_setup(self, unique_id: Any) -> None:
-        self._nccl = NcclGroup(self.num_workers, unique_id, self.rank)
-
-    def nccl_train_step(self, step: int) -> dict:
-        """One step with NCCL: params broadcast from owners, gradients reduced to owners."""
-        self._check_step(step)
-        self._nccl_sync_params()
-        metrics, grads = self._slice_grads(step, {n: v.value for n, v in self.variables.items()})
-        names = sorted(grads)
-        totals = [self.backend.xp.empty_like(grads[n]) for n in names]
-        self._nccl.reduce_to_owners([grads[n] for n in names], [self.ownership.owner[n] for n in names], totals)
-        self.saver.wait_snapshot()
-        for name, total in zip(names, totals):
-            if self.ownership.owner[name] == self.rank:
-                self.optimizer.apply(self.variables[name], total, self.slots[name], step)
-        self.global_step = step + 1
-        return metrics
-
-    def nccl_evaluate(self) -> dict[str, float]:
-        self._nccl_sync_params()
-        return self.evaluate()
-
-    def _nccl_sync_params(self) -> None:
-        names = sorted(self.variables)
-        self._nccl.broadcast([self.variables[n].value for n in names], [self.ownership.owner[n] for n in names])
 
     # ------------------------------------------------------------------ state
     def owned_arrays(self) -> dict[str, Any]:
@@ -281,6 +253,7 @@ class TrainWorker:
         self.seed = int(rng["seed"])
         self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
         self.sampler.set_state(decode_json_tensor(values[ITERATOR_STATE_KEY]))
+        self.step = self._train_step()  # the restored seed and sampler
         return {"rank": self.rank, "global_step": self.global_step, "read": sorted(owned)}
 
     def warm_start(self, prefix: str) -> dict:

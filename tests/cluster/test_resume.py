@@ -30,7 +30,7 @@ def test_stop_and_resume_at_arbitrary_steps_is_bit_identical(tmp_path, run_coord
 
     config = make_config(str(tmp_path / "b"), steps=STEPS, save_every=5, **RECIPE)
     for stop_at in (7, 13):  # between the regular saves at 5, 10, 15
-        coordinator = run_coordinator(config)
+        coordinator = run_coordinator(config, max_chunk_steps=1)  # the driver sees every step: stop exactly there
         result = coordinator.run(stop_requested=stop_after(coordinator, stop_at))
         assert result.preempted and result.steps_completed == stop_at
         assert result.last_checkpoint.endswith(f"model.ckpt-{stop_at}")
