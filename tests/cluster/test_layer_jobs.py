@@ -53,7 +53,7 @@ def test_layer_model_job_resumes_and_survives_a_sigkill_bit_identical(name, tmp_
     assert f"{sorted(NAMES[name])[0]}/Adam" in reference               # the optimizer's slots, Keras-named too
 
     config = _config(name, tmp_path / "interrupted")
-    stopped = Coordinator(config)
+    stopped = Coordinator(config, max_chunk_steps=1)  # the driver sees every step: stop exactly at STOP_AT
     try:
         stopped.start()
         assert stopped.run(stop_requested=lambda: stopped.global_step >= STOP_AT).preempted
@@ -65,7 +65,8 @@ def test_layer_model_job_resumes_and_survives_a_sigkill_bit_identical(name, tmp_
     recorder.actions = {KILL_AT: lambda: os.kill(worker_pids(supervisor)[-1], signal.SIGKILL)}
     resumed = supervisor.run()
     assert recorder.steps[0] == STOP_AT + 1                                # resumed from the stop
-    assert restarts(recorder.steps) == [(KILL_AT, SAVE_EVERY * (KILL_AT // SAVE_EVERY) + 1)]  # back to the save
+    (killed, again), = restarts(recorder.steps)  # killed when KILL_AT was reported, after its chunk of steps ran
+    assert killed >= KILL_AT and again == SAVE_EVERY * (KILL_AT // SAVE_EVERY) + 1  # back to the save
     assert resumed.steps_completed == STEPS and resumed.failures_recovered == 1
     assert read_all(resumed.last_checkpoint) == reference                  # bit-identical
 
