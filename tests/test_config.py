@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import typing
@@ -102,6 +103,14 @@ CASES = [
     ("set-unknown-key", None, ["model.hidden_units=[4]"], "--set model.hidden_units=[4]: model.hidden_units: unknown key"),
     ("set-out-of-range", None, ["checkpoint.max_to_keep=-1"], "--set checkpoint.max_to_keep=-1: checkpoint.max_to_keep: must be >= 0"),
     ("set-without-equals", None, ["train.steps"], "--set train.steps: expected KEY=VALUE"),
+    ("init-from-without-checkpoint", GOOD + "init_from:  #<\n  variables: ['dense/*']\n", [],
+     "init_from.checkpoint: missing required key"),
+    ("init-from-no-variables", GOOD + "init_from:\n  checkpoint: /old/ckpt\n  variables: []  #<\n", [],
+     "init_from.variables: must have at least 1 item(s) (got 0)"),
+    ("init-from-rename-not-a-name", GOOD + "init_from:\n  checkpoint: /old/ckpt\n  rename: {a: 3}  #<\n", [],
+     "init_from.rename.a: expected a string, got integer 3"),
+    ("init-from-with-resume-path", GOOD + "resume: /old/ckpt\ninit_from:  #<\n  checkpoint: /old/ckpt\n", [],
+     "init_from: resume: <checkpoint> continues that run"),
 ]
 
 
@@ -332,9 +341,12 @@ def test_published_schema_is_current_and_printed_by_the_cli(tmp_path):
 
 def test_schema_accepts_every_shipped_config():
     validator = _schema_validator()
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert REPO / "configs" / "plugins" / "factorization.yaml" in paths  # every file, subdirectories too
+    for path in paths:
         text = path.read_text()
-        assert text.startswith("# yaml-language-server: $schema=../docs/job.schema.json\n"), path.name
+        hint = re.match(r"# yaml-language-server: \$schema=(\S+)\n", text)
+        assert hint and (path.parent / hint.group(1)).resolve() == REPO / "docs" / "job.schema.json", path.name
         errors = [e.message for e in validator.iter_errors(yaml.safe_load(text))]
         assert not errors, f"{path.name}: {errors}"
 
@@ -348,6 +360,7 @@ SCHEMA_BLIND = {
     "workers-min-above-max": "JSON Schema cannot compare two values",
     "set-without-equals": "a command-line syntax error",
     "key-of-another-kind": "a key left at its default is fine with any kind; JSON Schema cannot compare to defaults",
+    "init-from-with-resume-path": "JSON Schema cannot compare two values",
 }
 
 
