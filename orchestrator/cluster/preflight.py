@@ -55,7 +55,7 @@ def preflight(config) -> Prepared:
     shipping.check_size(config)
     data = load_checked_data(config)
     sample = _sample(data)
-    model = build_model(recipe.model_spec(config, sample), numpy_backend(), int(config.seed))
+    model = recipe.build_model(config, sample, numpy_backend())
     check_first_step(model, sample, config)
     check_optimizer(model, config)
     check_init_from(model, config)
