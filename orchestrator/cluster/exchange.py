@@ -26,10 +26,13 @@ phase times out after ``timeout`` seconds (the job's ``step_timeout_s``). Either
 
 from __future__ import annotations
 
+import mmap
+import os
 import selectors
 import socket
 import struct
 import time
+import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -40,6 +43,8 @@ from orchestrator.cluster.ownership import OwnershipMap
 _HELLO = struct.Struct("!I")      # the connecting rank, sent once per connection
 _LOSS = np.dtype(np.float64)      # each rank's slice loss sum rides along with its parameters
 _SOCKET_BUFFER = 4 << 20
+_STEP = np.dtype(np.int64)        # shared-memory mode: the tiny "my gradients are in place" message
+SHM_DIR = "/dev/shm"
 
 
 class PeerFailedError(ClusterError):
@@ -62,22 +67,59 @@ class SocketExchange:
     """
 
     def __init__(self, rank: int, world: int, variables: Mapping[str, Any], ownership: OwnershipMap,
-                 timeout: float, host: str):
-        self.rank, self.world, self.timeout = rank, world, float(timeout)
+                 timeout: float, host: str, node: str = "", shared_memory: bool = True):
+        self.rank, self.world, self.timeout, self.node = rank, world, float(timeout), node
         self.variables = variables
         order = list(variables)  # the model's variable order: the same on every rank
         self.names_of = [[n for n in order if ownership.owner[n] == r] for r in range(world)]
         self.peers: dict[int, socket.socket] = {}
         self.seconds = 0.0  # wall time spent in the exchange, waiting for peers included
         self._listener = socket.create_server((host, 0), backlog=world)
-        self._received = {peer: {n: np.empty_like(_host(variables[n].value)) for n in self.names_of[rank]}
-                          for peer in range(world) if peer != rank}
+        self._received: dict[int, dict[str, np.ndarray]] = {}
         self._losses = {peer: np.zeros(1, _LOSS) for peer in range(world) if peer != rank}
+        self._steps = {peer: np.zeros(1, _STEP) for peer in range(world) if peer != rank}
+        self._segment = _Segment.create(self._layout(rank)) if shared_memory else None
+        self.shared: "_Shared | None" = None  # set by connect when every rank is on this node
 
-    def address(self) -> tuple[str, int]:
-        return self._listener.getsockname()[:2]
+    def _layout(self, rank: int) -> dict[str, tuple[int, tuple, np.dtype]]:
+        """Rank ``rank``'s segment: gradients of the variables others own, then the variables it owns."""
+        layout, offset = {}, 0
+        for kind, names in (("grad", [n for n in self.variables if n not in self.names_of[rank]]),
+                            ("param", self.names_of[rank])):
+            for name in names:
+                value = self.variables[name].value
+                layout[f"{kind}:{name}"] = (offset, tuple(value.shape), np.dtype(value.dtype))
+                offset += -(-value.nbytes // 64) * 64  # 64-byte aligned
+        return layout
 
-    def connect(self, addresses: Sequence[tuple[str, int]]) -> None:
+    @property
+    def mode(self) -> str:
+        """``shared_memory`` (every rank on this node) or ``tcp``: how the bulk bytes move."""
+        return "shared_memory" if self.shared is not None else "tcp"
+
+    def address(self) -> dict:
+        host, port = self._listener.getsockname()[:2]
+        return {"host": host, "port": port, "node": self.node,
+                "segment": None if self._segment is None else self._segment.path}
+
+    def connect(self, addresses: Sequence[Mapping[str, Any]]) -> None:
+        """Connect the mesh; on one node also map every peer's segment (then unlink ours: nothing leaks)."""
+        self._connect_mesh([(a["host"], a["port"]) for a in addresses])
+        same_node = all(a["node"] == self.node and a["segment"] for a in addresses)
+        if same_node:
+            self.shared = _Shared(self, [None if r == self.rank else _Segment.attach(a["segment"], self._layout(r))
+                                         for r, a in enumerate(addresses)])
+        else:
+            self._received = {peer: {n: np.empty_like(_host(self.variables[n].value)) for n in self.names_of[self.rank]}
+                              for peer in self.peers}
+        self.share(-1, 0.0)  # everyone has mapped everything: our name can go
+        if self._segment is not None:
+            self._segment.unlink()
+            if not same_node:
+                self._segment.close()
+                self._segment = None
+
+    def _connect_mesh(self, addresses: Sequence[tuple[str, int]]) -> None:
         """Connect to every lower rank, accept every higher one (the listen backlog keeps this deadlock-free)."""
         for peer in range(self.rank):
             try:
@@ -110,6 +152,8 @@ class SocketExchange:
     # ------------------------------------------------------------------ the two phases of a step
     def reduce(self, step: int, grads: Mapping[str, Any], owned: Sequence[str]) -> dict[str, Any]:
         """The sums, in rank order, of every rank's gradients of the variables this rank owns."""
+        if self.shared is not None:
+            return self.shared.reduce(step, grads, owned)
         outgoing = {peer: [grads[n] for n in self.names_of[peer]] for peer in self.peers}
         incoming = {peer: [received[n] for n in self.names_of[self.rank]]
                     for peer, received in self._received.items()}
@@ -125,6 +169,8 @@ class SocketExchange:
 
     def share(self, step: int, loss_sum: float) -> list[float]:
         """Send this rank's parameters to every peer, receive theirs in place; every rank's loss sum."""
+        if self.shared is not None:
+            return self.shared.share(step, loss_sum)
         mine = np.array([loss_sum], _LOSS)
         own = [self._writable(n) for n in self.names_of[self.rank]]
         outgoing = {peer: [mine, *own] for peer in self.peers}
@@ -195,6 +241,122 @@ class SocketExchange:
             conn.close()
         self.peers = {}
         self._listener.close()
+        if self._segment is not None:
+            self._segment.unlink()  # our variables keep their (private) mapping: the memory lives on
+
+
+class _Shared:
+    """The bulk bytes of a one-node exchange, in shared memory; only tiny messages use the mesh.
+
+    Each rank's segment holds the gradients it computed of the variables others own, and
+    the variables it owns, *as those variables' memory* (the optimizer updates them in
+    place there). Peers read both directly: no copy, no serialization. The mesh messages
+    are the synchronisation: "my gradients of step s are in place" (an owner may sum them),
+    then "my parameters of step s are updated" (with the loss sum; peers may read them).
+    A rank writes its next gradients only after every owner said its update is done (so
+    the sums have read the previous ones), and an owner updates only after every rank said
+    its gradients are in place (so their forward and backward passes have read the old
+    parameters): two messages per peer per step keep every read and write ordered.
+    """
+
+    def __init__(self, exchange: SocketExchange, peers: list["_Segment | None"]):
+        self.x, self.peers = exchange, peers
+        own = exchange._segment
+        self.grads_out = {n: own.view(f"grad:{n}") for n in exchange.variables if n not in exchange.names_of[exchange.rank]}
+        self.params = {n: own.view(f"param:{n}") for n in exchange.names_of[exchange.rank]}
+        for name, view in self.params.items():
+            view[...] = _host(exchange.variables[name].value)
+        for rank, segment in enumerate(peers):
+            for name in ([] if segment is None else exchange.names_of[rank]):
+                exchange.variables[name].value = segment.view(f"param:{name}")
+        self._bind_owned()
+
+    def _bind_owned(self) -> None:
+        """Owned variables live in our segment; a value replaced by someone (a restore, an optimizer that
+        assigns) is copied back in."""
+        for name, view in self.params.items():
+            variable = self.x.variables[name]
+            if variable.value is not view:
+                view[...] = _host(variable.value)
+                variable.value = view
+
+    def reduce(self, step: int, grads: Mapping[str, Any], owned: Sequence[str]) -> dict[str, Any]:
+        for name, view in self.grads_out.items():
+            np.copyto(view, grads[name])
+        mine = np.array([step], _STEP)
+        self.x._transfer({p: [mine] for p in self.x.peers}, {p: [self.x._steps[p]] for p in self.x.peers},
+                         "gradients", step)
+        totals = {}
+        for name in owned:
+            total = grads[name] if self.x.rank == 0 else self.peers[0].view(f"grad:{name}")
+            for rank in range(1, self.x.world):
+                total = total + (grads[name] if rank == self.x.rank else self.peers[rank].view(f"grad:{name}"))
+            totals[name] = total
+        return totals
+
+    def share(self, step: int, loss_sum: float) -> list[float]:
+        self._bind_owned()
+        mine = np.array([loss_sum], _LOSS)
+        self.x._transfer({p: [mine] for p in self.x.peers}, {p: [self.x._losses[p]] for p in self.x.peers},
+                         "parameters", step)
+        return [loss_sum if r == self.x.rank else float(self.x._losses[r][0]) for r in range(self.x.world)]
+
+
+class _Segment:
+    """A file in /dev/shm mapped into this process; views of it are numpy arrays."""
+
+    def __init__(self, path: str, layout: Mapping[str, tuple[int, tuple, np.dtype]], buffer: mmap.mmap):
+        self.path, self.layout, self.buffer = path, layout, buffer
+        self._views: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def create(cls, layout: Mapping[str, tuple[int, tuple, np.dtype]]) -> "_Segment | None":
+        """A fresh segment, or None where there is no usable /dev/shm (then the bytes go over TCP)."""
+        size = max([off + int(np.prod(shape)) * dtype.itemsize for off, shape, dtype in layout.values()] + [64])
+        if not os.path.isdir(SHM_DIR):
+            return None
+        path = os.path.join(SHM_DIR, f"orchestrator-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # fails now, not with SIGBUS later, when /dev/shm is full
+                buffer = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            _unlink(path)
+            return None
+        return cls(path, layout, buffer)
+
+    @classmethod
+    def attach(cls, path: str, layout: Mapping[str, tuple[int, tuple, np.dtype]]) -> "_Segment":
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(path, layout, mmap.mmap(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+
+    def view(self, key: str) -> np.ndarray:
+        view = self._views.get(key)
+        if view is None:
+            offset, shape, dtype = self.layout[key]
+            view = np.frombuffer(self.buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
+            self._views[key] = view
+        return view
+
+    def unlink(self) -> None:
+        _unlink(self.path)
+
+    def close(self) -> None:
+        self._views.clear()
+        self.buffer.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Cursor:
@@ -257,9 +419,11 @@ class NcclExchange:
         return self.unique_id
 
     def connect(self, addresses: Sequence[Any]) -> None:
+        """Join the communicator, then take every owner's parameters."""
         from orchestrator.cluster.collectives import NcclGroup
 
         self.group = NcclGroup(self.world, addresses[0], self.rank)
+        self.share(-1, 0.0)
 
     def reduce(self, step: int, grads: Mapping[str, Any], owned: Sequence[str]) -> dict[str, Any]:
         began = time.perf_counter()

@@ -142,14 +142,14 @@ class TrainWorker:
         else:
             self.exchange = SocketExchange(self.rank, self.num_workers, self.variables, self.ownership,
                                            timeout=float(self.config.fault_tolerance.step_timeout_s),
-                                           host=ray.util.get_node_ip_address())
+                                           host=ray.util.get_node_ip_address(),
+                                           node=ray.get_runtime_context().get_node_id())
         return self.exchange.address()
 
     def exchange_connect(self, addresses: list) -> None:
-        """Join the exchange (every rank's ``exchange_address``), then take every owner's parameters."""
+        """Join the exchange (every rank's ``exchange_address``); every rank then holds every owner's parameters."""
         if self.num_workers > 1:
             self.exchange.connect(addresses)
-            self.exchange.share(self.global_step, 0.0)
 
     # ------------------------------------------------------------------ training
     def train_steps(self, step: int, count: int) -> list[dict]:

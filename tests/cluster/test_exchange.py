@@ -17,14 +17,20 @@ from orchestrator.cluster.ownership import assign_owners
 SHAPES = {"a/kernel": (300, 70), "a/bias": (70,), "b/kernel": (70, 3), "b/bias": (3,)}
 
 
-def mesh(world: int, timeout: float = 5.0) -> list[SocketExchange]:
+def mesh(world: int, timeout: float = 5.0, shared_memory: bool = True) -> list[SocketExchange]:
+    """``world`` connected ranks, each starting from its own (stale) values: -1 - rank."""
     exchanges = []
     for rank in range(world):
-        variables = {n: Variable(n, np.full(s, -1.0, np.float32)) for n, s in SHAPES.items()}
+        variables = {n: Variable(n, np.full(s, -1.0 - rank, np.float32)) for n, s in SHAPES.items()}
         ownership = assign_owners({n: v.nbytes for n, v in variables.items()}, world)
-        exchanges.append(SocketExchange(rank, world, variables, ownership, timeout, "127.0.0.1"))
+        exchanges.append(SocketExchange(rank, world, variables, ownership, timeout, "127.0.0.1",
+                                        shared_memory=shared_memory))
     addresses = [e.address() for e in exchanges]
     on_all(exchanges, lambda e: e.connect(addresses))
+    for name in SHAPES:  # connecting brought every owner's values to every rank
+        owner = next(e.rank for e in exchanges if name in e.names_of[e.rank])
+        assert all((e.variables[name].value == -1.0 - owner).all() for e in exchanges)
+    assert {e.mode for e in exchanges} == {"shared_memory" if shared_memory else "tcp"}
     return exchanges
 
 
@@ -48,17 +54,18 @@ def on_all(exchanges, work) -> list:
     return results
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared_memory", "tcp"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_owners_get_rank_order_sums_and_everyone_gets_every_parameter(world):
-    exchanges = mesh(world)
+def test_owners_get_rank_order_sums_and_everyone_gets_every_parameter(world, shared_memory):
+    exchanges = mesh(world, shared_memory=shared_memory)
     rng = np.random.default_rng(0)
     grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()} for _ in range(world)]
 
     def step(e: SocketExchange):
         owned = e.names_of[e.rank]
         totals = e.reduce(0, grads[e.rank], owned)
-        for name in owned:  # the owner's "update": its parameter becomes the summed gradient
-            e.variables[name].value = totals[name].copy()
+        for name in owned:  # the owner's update, in place: its parameter becomes the summed gradient
+            e.variables[name].value[...] = totals[name]
         return e.share(0, float(e.rank + 1))
 
     losses = on_all(exchanges, step)
@@ -73,8 +80,9 @@ def test_owners_get_rank_order_sums_and_everyone_gets_every_parameter(world):
         e.close()
 
 
-def test_a_silent_peer_is_named_after_the_timeout_and_a_closed_one_at_once():
-    exchanges = mesh(2, timeout=1.0)
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared_memory", "tcp"])
+def test_a_silent_peer_is_named_after_the_timeout_and_a_closed_one_at_once(shared_memory):
+    exchanges = mesh(2, timeout=1.0, shared_memory=shared_memory)
     grads = {n: np.ones(s, np.float32) for n, s in SHAPES.items()}
     begin = time.monotonic()
     with pytest.raises(PeerFailedError) as hung:  # rank 0 never joins step 5: rank 1 waits, then names it
@@ -89,3 +97,15 @@ def test_a_silent_peer_is_named_after_the_timeout_and_a_closed_one_at_once():
     assert (died.value.peer, died.value.hung, died.value.step) == (0, False, 6)
     assert time.monotonic() - begin < 1.0, "a closed connection is noticed without waiting for the timeout"
     exchanges[1].close()
+
+
+def test_shared_memory_leaves_nothing_in_dev_shm():
+    import os
+
+    from orchestrator.cluster.exchange import SHM_DIR
+
+    before = set(os.listdir(SHM_DIR))
+    exchanges = mesh(2)
+    assert set(os.listdir(SHM_DIR)) == before, "segments are unlinked once every rank mapped them"
+    for e in exchanges:
+        e.close()
