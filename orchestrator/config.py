@@ -550,6 +550,9 @@ class CheckpointConfig(_Group):
     best_metric: Optional[Text] = _key(None, "metric used for best-k retention, e.g. loss or accuracy")
     best_mode: BestMode = _choice(BestMode.MIN, "min: lower best_metric is better; max: higher is better")
     keep_best: Optional[int] = _key(None, "keep the k best checkpoints by best_metric", rules.KEEP_BEST)
+    memory_every_steps: int = _key(
+        0, "steps between in-memory checkpoints, kept only in the workers' memory and a peer's (0 = only the "
+           "snapshot of each save): a worker failure then loses at most this many steps", Bound(ge=0))
     async_save: bool = _key(True, "write checkpoints in the background while training continues")
     fsync: bool = _key(True, "fsync data files before the checkpoint is committed")
     max_consecutive_failures: int = _key(

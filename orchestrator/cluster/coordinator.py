@@ -20,6 +20,12 @@ training continues. Every wait on a worker has a timeout; a dead, failing or stu
 worker surfaces as ``WorkerFailedError(rank, cause, step)``, after any in-flight save
 was abandoned (never half-committed).
 
+Survivors stay (``heal``): after a worker failure only the lost workers are replaced;
+the others keep their processes and roll back to the latest complete memory checkpoint
+(``peer_memory``), the replacements restore from their peers' copies, storage being the
+fallback when a rank and the holder of its copy are both gone. Every save's snapshot is
+such a memory checkpoint, and ``checkpoint.memory_every_steps`` adds memory-only ones.
+
 On preemption the emergency checkpoint is bounded by the notice's deadline
 (``emergency.plan_emergency``): the in-flight save is finished or abandoned by then, and
 the current step is saved only when a save fits in the time left.
@@ -32,7 +38,7 @@ import enum
 import logging
 import math
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import ray
 import ray.exceptions
@@ -43,9 +49,10 @@ from orchestrator.checkpoint.errors import CheckpointError, SaveFailedError, Sta
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster import recipe, shipping
 from orchestrator.cluster.emergency import MARGIN_S, Tier, plan_emergency
-from orchestrator.cluster.errors import (CheckpointingFailedError, ClusterError, NonFiniteLossError,
+from orchestrator.cluster.errors import (CheckpointingFailedError, ClusterError, HealError, NonFiniteLossError,
                                          RestoreError, WorkerFailedError)
 from orchestrator.cluster.exchange import PeerFailedError
+from orchestrator.cluster.peer_memory import PEER_MEMORY, STORAGE, MemoryTierError, PeerTier
 from orchestrator.cluster.scaling_policy import worker_shape
 from orchestrator.cluster.shard_save import ShardSaveFailed
 from orchestrator.cluster.worker import remote_worker_class
@@ -63,6 +70,8 @@ CONTROL_TIMEOUT_S = 60.0       # small control calls (info, abandon)
 CHUNK_SECONDS = 0.25           # a chunk of steps lasts about this long (preemption and save_every_secs latency)
 MAX_CHUNK_STEPS = 1000
 PEER_REPORT_SLACK = 0.5        # x step_timeout_s: a peer waiting on a hung rank says which one, after step_timeout_s
+PROBE_TIMEOUT_S = 5.0          # after a failure: a worker that does not answer its liveness probe is lost
+ROOM_CHECK_S = 3.0             # a replacement not up by then: is there room for it at all?
 
 
 class CoordinatorState(str, enum.Enum):
@@ -175,6 +184,12 @@ class Coordinator:
         self.last_progress = clock()   # end of the last completed step (or of start-up)
         self.workers_ready_at: float | None = None
         self.ready_at: float | None = None
+        self.peers = PeerTier(lambda pairs, timeout, doing: self._wait_refs(list(pairs), self.global_step,
+                                                                            timeout, doing))
+        self.memory_every_steps = int(config.checkpoint.memory_every_steps or 0)
+        self.restore_tier: str | None = None  # where the last restore came from: peer_memory | storage
+        self.workers_replaced = 0             # by the last heal
+        self._dataset_ref: Any = None
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
         self.eval_policy = EvalPolicy(config.train.eval_every_steps)
         self.manager = recipe.checkpoint_manager(config)
@@ -210,7 +225,7 @@ class Coordinator:
         self._expect(CoordinatorState.CREATED)
         actor_cls = self.worker_factory()
         options = self._actor_options()
-        dataset = self._shared_dataset()
+        dataset = self._dataset_ref = self._shared_dataset()
         self.workers = [actor_cls.options(**options).remote(self.config, rank, self.num_workers, dataset)
                         for rank in range(self.num_workers)]
         timeout = max(START_TIMEOUT_FLOOR_S, self.step_timeout)
@@ -221,6 +236,7 @@ class Coordinator:
             self._restore(prefix)
         elif self.config.init_from is not None:
             self._warm_start()
+        self._memory_checkpoint(saved=False)  # a failure from here on heals from memory
         self._connect_workers(timeout)
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
@@ -269,6 +285,7 @@ class Coordinator:
         self.global_step = steps.pop()
         self.committed_step = self.global_step
         self.restored_from = prefix
+        self.restore_tier = STORAGE
         log.info("restored %s at step %d into %d workers", prefix, self.global_step, self.num_workers)
 
     # ------------------------------------------------------------------ running
@@ -320,7 +337,7 @@ class Coordinator:
         ``until``, at most about ``CHUNK_SECONDS`` long (one step while the step time is unknown)."""
         step = self.global_step
         bounds = [until - step, self.max_chunk_steps]
-        for every in (self.save_policy.every_steps, self.eval_policy.every_steps):
+        for every in (self.save_policy.every_steps, self.eval_policy.every_steps, self.memory_every_steps):
             if every:
                 bounds.append(every - step % every)
         bounds.append(1 if self._step_seconds is None else max(1, int(CHUNK_SECONDS / self._step_seconds)))
@@ -345,13 +362,151 @@ class Coordinator:
                 raise NonFiniteLossError(self.global_step, self.metrics["loss"], self.manager.latest_checkpoint)
             self._report_step()
         self.poll_save()
+        self.peers.poll()
         if self.eval_policy.due(self.global_step):
             self.evaluate()
         reason = self.save_policy.reason(self.global_step, self.clock() - self._last_save_time)
         if reason:
             log.info("saving at step %d (%s)", self.global_step, reason)
             self.save(synchronous=not self.config.checkpoint.async_save)
+        if self.memory_every_steps and self.global_step % self.memory_every_steps == 0:
+            self._memory_checkpoint(saved=bool(reason))
         return self.metrics
+
+    # ------------------------------------------------------------------ memory tier
+    def _memory_checkpoint(self, saved: bool) -> None:
+        """A complete memory checkpoint of the current step before training goes on: memory-only,
+        or (``saved``) the memory part of the save just started. Waited for, so a failure loses
+        at most ``checkpoint.memory_every_steps`` steps."""
+        step = self.global_step
+        if not saved:
+            self._get_all([w.memory_snapshot.remote(step) for w in self.workers], self.step_timeout,
+                          "taking a memory checkpoint")
+            self.peers.replicate(step, self.workers, self.worker_node_ids)
+        self.peers.wait(self.step_timeout)
+
+    def heal(self, error: WorkerFailedError, start_timeout: float,
+             room_for: Callable[[int], bool] = lambda lost: True) -> None:
+        """After ``error``: replace only the lost workers, put every worker back to one step, READY again.
+
+        Survivors roll back from their own memory checkpoint, replacements restore from their
+        holder's copy (CRC-checked); if any lost rank's holder is lost too, or a copy is
+        missing, every worker restores from the latest committed checkpoint in storage.
+        Raises ``HealError`` (or ``WorkerFailedError``) when that cannot be done: the caller
+        then restarts the whole job. ``room_for(n)``: whether the cluster has room for n
+        replacements, asked when they are not up after ``ROOM_CHECK_S``.
+        """
+        self._expect(CoordinatorState.FAILED)
+        self.peers.forget_pending()
+        self._replace_ranks(self._lost_ranks(error), start_timeout, room_for)
+
+    def evacuate(self, node_ids: Collection[str], deadline: float | None, start_timeout: float,
+                 room_for: Callable[[int], bool] = lambda lost: True) -> bool:
+        """A drain of some nodes whose deadline leaves no time for a storage save (``Tier.MEMORY``):
+        a memory checkpoint of the current step, then the workers on those nodes are replaced
+        elsewhere from their peers' copies, and training goes on. False when that does not apply
+        (the caller then stops with an emergency checkpoint as usual)."""
+        moving = {r for r, node in enumerate(self.worker_node_ids) if node in node_ids}
+        if not moving or len(moving) == self.num_workers:
+            return False
+        left = None if deadline is None else deadline - time.monotonic()
+        plan = plan_emergency(left, self._save_estimate(), memory_ok=True)
+        if plan.tier is not Tier.MEMORY:
+            return False
+        self.finish_save(deadline)
+        self._memory_checkpoint(saved=False)
+        if not self.peers.can_restore(moving):
+            return False
+        log.warning("nodes %s drain: emergency checkpoint tier memory (%s); moving worker rank(s) %s",
+                    ", ".join(sorted(node_ids)), plan.reason, sorted(moving))
+        self.emergency_tier = Tier.MEMORY
+        try:
+            self._replace_ranks(moving, start_timeout, room_for)
+        except HealError as exc:  # the moving workers are gone: recover as from their loss
+            raise WorkerFailedError(min(moving), f"moving off a draining node failed: {exc}", self.global_step,
+                                    "node_drained") from exc
+        return True
+
+    def _replace_ranks(self, lost: set[int], start_timeout: float, room_for: Callable[[int], bool]) -> None:
+        log.warning("replacing worker rank(s) %s; %d worker(s) stay", sorted(lost), self.num_workers - len(lost))
+        self._replace(lost, start_timeout, room_for)
+        self.workers_ready_at = self.clock()
+        self.workers_replaced = len(lost)
+        if not self._restore_from_memory(lost):
+            self._restore_from_storage()
+        self._connect_workers(start_timeout)  # a fresh exchange mesh; every rank takes the owners' parameters
+        self._first_step = self.global_step
+        self.state = CoordinatorState.READY
+        self.ready_at = self.last_progress = self.clock()
+        log.warning("healed: %d worker(s) replaced, every worker at step %d (from %s)", len(lost),
+                    self.global_step, self.restore_tier.replace("_", " "))
+
+    def _lost_ranks(self, error: WorkerFailedError) -> set[int]:
+        """Ranks whose process is gone (no answer to a liveness probe), plus a hung or failing rank."""
+        probes = [w.alive.remote() for w in self.workers]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
+        answered = {ref.hex() for ref in ready}
+        lost = set()
+        for rank, ref in enumerate(probes):
+            try:
+                if ref.hex() not in answered:
+                    raise ray.exceptions.GetTimeoutError(f"no answer in {PROBE_TIMEOUT_S} s")
+                ray.get(ref, timeout=CONTROL_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                lost.add(rank)
+        if error.kind in ("worker_hung", "worker_error", "node_drained") or not lost:
+            lost.add(error.rank)
+        return lost
+
+    def _replace(self, lost: set[int], timeout: float, room_for: Callable[[int], bool]) -> None:
+        for rank in lost:
+            ray.kill(self.workers[rank], no_restart=True)
+        actor_cls, options = self.worker_factory(), self._actor_options()
+        fresh = {r: actor_cls.options(**options).remote(self.config, r, self.num_workers, self._dataset_ref)
+                 for r in sorted(lost)}
+        for rank, worker in fresh.items():
+            self.workers[rank] = worker
+        pending = [(r, w.info.remote()) for r, w in fresh.items()]
+        ready, _ = ray.wait([ref for _, ref in pending], num_returns=len(pending), timeout=ROOM_CHECK_S)
+        if len(ready) < len(pending) and not room_for(len(lost)):
+            raise HealError(f"no room in the cluster for {len(lost)} replacement worker(s)")
+        try:
+            infos = self._wait_refs(pending, self.global_step, timeout, "starting a replacement")
+        except WorkerFailedError as exc:
+            raise HealError(f"replacement worker(s) {sorted(lost)} did not start: {exc}") from exc
+        for rank, info in zip(fresh, infos):
+            self.worker_info[rank] = info
+
+    def _restore_from_memory(self, lost: set[int]) -> bool:
+        """Survivors roll back, replacements restore from peers; False: storage must do it."""
+        step = self.peers.complete_step
+        if not self.peers.can_restore(lost):
+            log.warning("no complete memory checkpoint survives the loss of rank(s) %s (holders %s): "
+                        "restoring from storage", sorted(lost), self.peers.holders)
+            return False
+        calls = []
+        for rank, worker in enumerate(self.workers):
+            if rank in lost:
+                copy = self.workers[self.peers.holders[rank]].peer_shard.remote(rank, step)
+                calls.append((rank, worker.restore_memory.remote(copy)))
+            else:
+                calls.append((rank, worker.rollback.remote(step)))
+        try:
+            self._wait_refs(calls, step, max(START_TIMEOUT_FLOOR_S, self.step_timeout), "restoring from memory")
+        except (WorkerFailedError, MemoryTierError) as exc:
+            log.warning("restoring step %d from memory failed (%s): restoring from storage", step, exc)
+            return False
+        self.global_step = step
+        self.restore_tier = PEER_MEMORY
+        self.peers.replicate(step, self.workers, self.worker_node_ids)  # copies for the new placement
+        return True
+
+    def _restore_from_storage(self) -> None:
+        prefix = self.manager.latest_checkpoint
+        if prefix is None:
+            raise HealError("no memory checkpoint survived and none is committed in storage")
+        self._restore(prefix)
+        self._memory_checkpoint(saved=False)
 
     def _report_step(self) -> None:
         step, every = self.global_step, self.config.train.log_every_steps
@@ -441,6 +596,7 @@ class Coordinator:
         # async: not waited for; actor calls run in order, so the next step starts after it, and
         # its errors reach us through wait_save
         in_flight.refs = [w.wait_save.remote(step, self._save_timeout()) for w in self.workers]
+        self.peers.replicate(step, self.workers, self.worker_node_ids)  # the snapshot is a memory checkpoint too
         record.stall_s = self.clock() - started
         self._last_save_time = started
         if synchronous:

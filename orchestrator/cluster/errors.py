@@ -49,6 +49,10 @@ class CheckpointingFailedError(ClusterError):
         return (type(self), (self.message, self.step, self.last_checkpoint, self.result))
 
 
+class HealError(ClusterError):
+    """Replacing only the lost workers did not work (no capacity, nothing to restore): restart the job."""
+
+
 class RestoreError(ClusterError, BadInputError, ValueError):
     """A checkpoint cannot be restored into this job (missing tensor, other model, bad shape)."""
 

@@ -155,6 +155,12 @@ class PreemptionWatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def dismiss(self) -> None:
+        """The notice was handled without stopping (the drained nodes' workers moved): watch again."""
+        with self._lock:
+            self._notice, self._requested_at = None, None
+            self._next_poll = float("-inf")
+
     def settle(self) -> None:
         """The emergency checkpoint is committed: later signals are ignored, never raised."""
         self._settled = True

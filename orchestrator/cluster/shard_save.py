@@ -3,11 +3,12 @@
 Why a snapshot: the optimizer updates variables in place, so the values of step ``s``
 must be copied before the next update. In async mode the copy runs in the background
 thread, overlapping the next gradient computation (which only reads the variables);
-the worker waits for it only before applying the next update. The copy goes into host buffers that are
-reused from save to save (pinned host memory on GPU, so the device-to-host copy is a
-fast DMA), which is safe because at most one save is in flight per worker: starting the
-next save first waits for the previous write to end. That also bounds memory to one
-snapshot.
+the worker waits for it only before applying the next update. The copy goes into fresh host
+buffers (pinned host memory on GPU, from cupy's pinned pool, so the device-to-host copy is a
+fast DMA): the snapshot outlives the write, because it is also this rank's memory
+checkpoint (``peer_memory``; ``on_snapshot`` hands it over), kept until a newer one is
+complete. At most one save is in flight per worker: starting the next save first waits for
+the previous write to end.
 
 Async mode writes the shard in a background thread; the worker keeps training. The
 write's outcome (a ``ShardResult`` or the error) is kept until the coordinator asks for
@@ -21,7 +22,7 @@ import dataclasses
 import threading
 import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -29,6 +30,18 @@ from orchestrator.checkpoint import bundle, pipeline
 from orchestrator.checkpoint.errors import SaveFailedError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.variables import to_host
+
+
+OnSnapshot = Callable[[Mapping[str, np.ndarray]], None]
+
+
+def _hand_over(on_snapshot: OnSnapshot, taken: Mapping[str, np.ndarray], step: int) -> None:
+    """Give the snapshot to the memory tier; its failure costs that tier one step, never the save."""
+    try:
+        on_snapshot(taken)
+    except Exception:  # noqa: BLE001 - logged with its traceback; the shard is still written
+        print(f"memory checkpoint of step {step} not kept:", flush=True)
+        traceback.print_exc()
 
 
 class ShardSaveFailed(SaveFailedError):
@@ -53,25 +66,15 @@ class ShardSaveFailed(SaveFailedError):
 
 
 class HostSnapshot:
-    """Host copies of arrays in buffers reused across saves (pinned when on GPU)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
+    """Host copies of arrays (pinned when on GPU), fresh for every save: the memory tier keeps them."""
 
     def take(self, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
         out = {}
         for name, array in arrays.items():
-            buf = self._buffer_for(name, array)
+            buf = _empty_host_like(array)
             _copy_to_host(array, buf)  # device -> host sync point on GPU
             out[name] = buf
         return out
-
-    def _buffer_for(self, name: str, array: Any) -> np.ndarray:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != tuple(array.shape) or buf.dtype != np.dtype(array.dtype):
-            buf = _empty_host_like(array)
-            self._buffers[name] = buf
-        return buf
 
 
 def _is_cupy(array: Any) -> bool:
@@ -129,8 +132,9 @@ class ShardSaver:
 
     def start(self, step: int, prefix: str, num_shards: int,
               arrays: Mapping[str, Any], extras: Mapping[str, np.ndarray],
-              asynchronous: bool) -> None:
-        """Snapshot ``arrays`` (+ host ``extras``) and write them as shard ``rank``.
+              asynchronous: bool, on_snapshot: OnSnapshot | None = None) -> None:
+        """Snapshot ``arrays`` (+ host ``extras``) and write them as shard ``rank``;
+        ``on_snapshot(copies)`` receives the host copies of ``arrays`` once taken.
 
         Async: returns at once; the background thread takes the snapshot first, then
         writes. The caller must call ``wait_snapshot()`` before it next modifies ``arrays``
@@ -143,9 +147,11 @@ class ShardSaver:
             self._pending = pending
             self._started.notify_all()
         if asynchronous:
-            run = lambda: self._snapshot_and_write(pending, num_shards, arrays, extras)  # noqa: E731
+            run = lambda: self._snapshot_and_write(pending, num_shards, arrays, extras, on_snapshot)  # noqa: E731
             pending.thread = threading.Thread(target=run, name=f"shard-save-{step}", daemon=True)
             pending.thread.start()
+        elif on_snapshot is not None:  # the copies are kept: take them, write from them
+            self._snapshot_and_write(pending, num_shards, arrays, extras, on_snapshot)
         else:  # training waits anyway: write straight from the arrays (host copy only on GPU)
             live = {n: a for n, a in arrays.items() if not _is_cupy(a)}
             self._snapshot_and_write(pending, num_shards, {n: a for n, a in arrays.items() if n not in live},
@@ -194,14 +200,17 @@ class ShardSaver:
         pending = self._pending
         return pending.seconds if pending is not None else 0.0
 
-    def _snapshot_and_write(self, pending: _PendingSave, num_shards: int,
-                            arrays: Mapping[str, Any], extras: Mapping[str, np.ndarray]) -> None:
+    def _snapshot_and_write(self, pending: _PendingSave, num_shards: int, arrays: Mapping[str, Any],
+                            extras: Mapping[str, np.ndarray], on_snapshot: OnSnapshot | None = None) -> None:
         started = time.perf_counter()
         try:
             try:
-                tensors = {**self._snapshot.take(arrays), **extras}
+                taken = self._snapshot.take(arrays)
+                tensors = {**taken, **extras}
             finally:
                 pending.snapshot_taken.set()
+            if on_snapshot is not None:
+                _hand_over(on_snapshot, taken, pending.step)
             storage, prefix = Storage.for_path(pending.prefix, self.storage_options, self.fsync)
             pending.result = pipeline.write_shard(storage, prefix, self.rank, num_shards, tensors)
         except BaseException as exc:  # any failure fails this save, never the worker

@@ -11,8 +11,10 @@ checkpoint and trains. An attempt ends in one of four ways:
 * resize: at a checkpoint boundary more workers fit again -> the coordinator
   checkpoints the current step, and the next attempt restarts with the larger M'.
 * failed: a worker died, raised or hung (WorkerFailedError) -> the failure policy
-  decides RESTART (after a backoff) or RAISE. A restart resumes from the latest
-  committed checkpoint, so the work lost is at most one checkpoint interval.
+  decides RESTART (after a backoff) or RAISE. A restart first *heals* the running
+  attempt (``Coordinator.heal``: only the lost workers are replaced, every worker goes
+  back to the latest complete memory checkpoint, or to storage); only when that fails
+  does a new attempt start from the latest committed checkpoint in storage.
 
 Each recovery is timed phase by phase (``monitor.recovery.RecoveryRecord``: detect,
 replace, restore, first step; steps lost; the tier restored from) from the failed
@@ -39,6 +41,8 @@ from orchestrator.cluster.scaling_policy import (
 from orchestrator.monitor.recovery import RecoveryRecord
 
 logger = logging.getLogger(__name__)
+
+HEAL_START_S = 60.0  # a replacement actor that has room but is not up by then: the job restarts
 
 
 class Outcome(str, enum.Enum):
@@ -115,8 +119,8 @@ class _AttemptTracker:
             self.recovering.replaced_at = coord.workers_ready_at
             self.recovering.restored_at = coord.ready_at
             self.recovering.record.restored_step = coord.global_step
-            self.recovering.record.workers_replaced = len(coord.workers)
-            self.recovering.record.tier = "storage" if coord.restored_from else "none"
+            self.recovering.record.workers_replaced = coord.workers_replaced or len(coord.workers)
+            self.recovering.record.tier = coord.restore_tier or "none"
 
     def on_step(self, step, metrics=None, *args, **kwargs):
         recovering = self.recovering
@@ -226,7 +230,6 @@ class Supervisor:
                 if attempt.outcome is Outcome.RESIZE:
                     num_workers = attempt.resize_to
                     continue
-                self._handle_failure(attempt.failure)
                 num_workers = self._size_job(previous=attempt.num_workers)
             return self._finish_preempted_between_attempts()
 
@@ -245,16 +248,53 @@ class Supervisor:
             coord.start()
             self.tracker.restarted(coord)
             first_step = coord.global_step
-            result = coord.run(stop_requested=self._stop_requested, deadline=self.watcher.deadline)
-        except WorkerFailedError as error:
+            while True:
+                try:
+                    result = coord.run(stop_requested=self._stop_requested, deadline=self.watcher.deadline)
+                    break
+                except WorkerFailedError as error:
+                    failure = self._failure(error, coord.global_step > first_step)
+                    self.tracker.failed(error, coord)
+                    self._handle_failure(failure)
+                    if not self._heal(coord, error):
+                        return AttemptResult(Outcome.FAILED, num_workers, failure=failure)
+                    first_step = coord.global_step
+        except WorkerFailedError as error:  # while starting
             progress = first_step is not None and coord.global_step > first_step
             self.tracker.failed(error, coord)
-            return AttemptResult(Outcome.FAILED, num_workers,
-                                 failure=self._failure(error, progress))
+            failure = self._failure(error, progress)
+            self._handle_failure(failure)
+            return AttemptResult(Outcome.FAILED, num_workers, failure=failure)
         finally:
             self._coordinator = None
             coord.shutdown()
         return self._classify(result, num_workers)
+
+    def _heal(self, coord, error: WorkerFailedError) -> bool:
+        """Replace only the lost workers of the running attempt (``Coordinator.heal``); False when
+        the job must restart instead (preempted meanwhile, no capacity, another failure)."""
+        heal = getattr(coord, "heal", None)  # an injected coordinator may only know how to start over
+        if heal is None or self.watcher.requested():
+            return False
+        try:
+            heal(error, start_timeout=HEAL_START_S, room_for=self._room_for)
+        except ClusterError as exc:
+            logger.warning("replacing the lost worker(s) in place failed (%s); restarting every worker", exc)
+            return False
+        self.tracker.restarted(coord)
+        return True
+
+    def _room_for(self, replacements: int) -> bool:
+        """Whether ``replacements`` more workers fit beside the ones still running (up to ``settle_s``
+        for the lost workers' resources to show as free)."""
+        current = self._current_workers()
+        deadline = self._clock() + self.settle_s
+        while True:
+            if self.scaling_policy.decide(self._probe(), held=current - replacements).num_workers >= current:
+                return True
+            if self._clock() >= deadline or self.watcher.requested():
+                return False
+            self._sleep(0.1)
 
     def _classify(self, result, num_workers: int) -> AttemptResult:
         if not getattr(result, "preempted", False):
@@ -266,7 +306,7 @@ class Supervisor:
     def _stop_requested(self) -> bool:
         """Polled by the coordinator between steps: preemption, or room to grow."""
         if self.watcher.requested():
-            return True
+            return not self._evacuated()
         if not self.tracker.checkpoint_boundary:
             return False
         self.tracker.checkpoint_boundary = False
@@ -278,6 +318,22 @@ class Supervisor:
             self._resize_to = grow_to
             return True
         return False
+
+    def _evacuated(self) -> bool:
+        """A Ray drain of some of the workers' nodes, too close for a storage save: the coordinator
+        moves those workers elsewhere from memory (``Coordinator.evacuate``) and the job goes on."""
+        notice, coord = self.watcher.notice, self._coordinator
+        if notice is None or not notice.node_ids or coord is None or not hasattr(coord, "evacuate"):
+            return False
+        drained = WorkerFailedError(-1, notice.reason, coord.global_step, "node_drained")
+        self.tracker.failed(drained, coord)
+        moved = coord.evacuate(notice.node_ids, self.watcher.deadline(), HEAL_START_S, self._room_for)
+        if not moved:
+            self.tracker.recovering = None
+            return False
+        self.tracker.restarted(coord)
+        self.watcher.dismiss()
+        return True
 
     def _on_commit(self, step: int) -> None:
         """After a preemption request, the commit of the current step is the emergency checkpoint:

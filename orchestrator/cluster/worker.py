@@ -38,6 +38,7 @@ from orchestrator.cluster import recipe
 from orchestrator.cluster.errors import ClusterError, RestoreError
 from orchestrator.cluster.exchange import NcclExchange, SocketExchange
 from orchestrator.cluster.ownership import assign_owners
+from orchestrator.cluster.peer_memory import MemoryShard, MemoryTier, PeerMemoryWorker
 from orchestrator.cluster.shard_save import ShardSaver
 from orchestrator.engine import protocol
 from orchestrator.engine.data import DatasetError
@@ -50,6 +51,8 @@ ITERATOR_STATE_KEY = "_ITERATOR_STATE"
 RNG_STATE_KEY = "_RNG_STATE"
 RNG_ALGORITHM = "philox4x32-10(seed, step, layer, example, unit)"
 IO_GROUP = "io"
+PEER_GROUP = "peer"        # memory-tier copies between workers (never behind a shard write)
+CONTROL_GROUP = "control"  # liveness: answers while the training thread is busy
 
 
 def json_tensor(record: Mapping[str, Any]) -> np.ndarray:
@@ -77,7 +80,7 @@ class StepTimings:
     exchange_s: float = 0.0
 
 
-class TrainWorker:
+class TrainWorker(PeerMemoryWorker):
     """Plain class holding one rank's state; ``WorkerActor`` is its Ray actor form."""
 
     def __init__(self, config, rank: int, num_workers: int, dataset=None):
@@ -114,6 +117,7 @@ class TrainWorker:
         self.saver = ShardSaver(rank, config.checkpoint.storage_options, config.checkpoint.fsync)
         self.step = self._train_step()
         self.exchange: Any = LocalExchange()
+        self.memory = MemoryTier()  # this rank's memory checkpoints and a peer's copies (peer_memory)
         self.timings = StepTimings()
 
     def _train_step(self) -> TrainStep:
@@ -225,7 +229,8 @@ class TrainWorker:
         """Start writing this rank's shard of the checkpoint of ``step`` (async: in the background)."""
         self._check_step(step)
         extras = self.job_records() if self.rank == 0 else {}
-        self.saver.start(step, prefix, self.num_workers, self.owned_arrays(), extras, asynchronous)
+        self.saver.start(step, prefix, self.num_workers, self.owned_arrays(), extras, asynchronous,
+                         on_snapshot=self.save_snapshot_hook(step))
 
     def wait_save(self, step: int, timeout: float | None = None) -> tuple[Any, float]:
         """(this rank's ShardResult, seconds training waited for the snapshot); raises if the write failed."""
@@ -248,12 +253,9 @@ class TrainWorker:
         values = _read_tensors(reader, prefix, {**owned, **records})  # one batched read of everything
         for name in owned:
             self._assign(name, values[name])
-        self.global_step = int(values[GLOBAL_STEP_KEY])
-        rng = decode_json_tensor(values[RNG_STATE_KEY])
-        self.seed = int(rng["seed"])
-        self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
-        self.sampler.set_state(decode_json_tensor(values[ITERATOR_STATE_KEY]))
-        self.step = self._train_step()  # the restored seed and sampler
+        self.set_position({"global_step": int(values[GLOBAL_STEP_KEY]),
+                           "seed": int(decode_json_tensor(values[RNG_STATE_KEY])["seed"]),
+                           "iterator": decode_json_tensor(values[ITERATOR_STATE_KEY])})
         return {"rank": self.rank, "global_step": self.global_step, "read": sorted(owned)}
 
     def warm_start(self, prefix: str) -> dict:
@@ -267,6 +269,17 @@ class TrainWorker:
         for name, source in owned.items():
             self.variables[name].assign(values[source])
         return dataclasses.asdict(plan)
+
+    def position(self) -> dict:
+        """Where this rank is besides its arrays: step, data iterator, seed (JSON values)."""
+        return {"global_step": self.global_step, "iterator": self.sampler.state(), "seed": self.seed}
+
+    def set_position(self, position: Mapping[str, Any]) -> None:
+        self.global_step = int(position["global_step"])
+        self.seed = int(position["seed"])
+        self.sampler = recipe.make_sampler(self.config, self.dataset, self.seed)
+        self.sampler.set_state(position["iterator"])
+        self.step = self._train_step()  # the restored seed and sampler
 
     def _assign(self, name: str, value: np.ndarray) -> None:
         target = self.variables.get(name)
@@ -316,7 +329,32 @@ class WorkerActor(TrainWorker):
     def last_write_seconds(self) -> float:
         return self.saver.last_write_seconds()
 
+    @ray.method(concurrency_group=PEER_GROUP)
+    def memory_shard(self, step: int, timeout: float = 60.0) -> MemoryShard:
+        return PeerMemoryWorker.memory_shard(self, step, timeout)
+
+    @ray.method(concurrency_group=PEER_GROUP)
+    def hold_peer(self, shard: MemoryShard) -> int:
+        return PeerMemoryWorker.hold_peer(self, shard)
+
+    @ray.method(concurrency_group=PEER_GROUP)
+    def peer_shard(self, rank: int, step: int) -> MemoryShard:
+        return PeerMemoryWorker.peer_shard(self, rank, step)
+
+    @ray.method(concurrency_group=PEER_GROUP)
+    def memory_complete(self, step: int) -> None:
+        PeerMemoryWorker.memory_complete(self, step)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def memory_nbytes(self) -> dict[str, int]:
+        return PeerMemoryWorker.memory_nbytes(self)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def alive(self) -> int:
+        """This process's pid: answered at once, even mid-step (the coordinator's liveness probe)."""
+        return os.getpid()
+
 
 def remote_worker_class():
     """The Ray actor class (created lazily so importing this module does not need Ray running)."""
-    return ray.remote(concurrency_groups={IO_GROUP: 2})(WorkerActor)
+    return ray.remote(concurrency_groups={IO_GROUP: 2, PEER_GROUP: 2, CONTROL_GROUP: 1})(WorkerActor)

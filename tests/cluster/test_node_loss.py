@@ -9,7 +9,10 @@ Scenarios, one cluster (a head without CPUs + three 1-CPU nodes, 1 CPU per worke
    continues with M'=2 (resharded restore from step 10); a node is added -> at the next
    checkpoint boundary it grows back to M=3; the job finishes.
 2. Ray drains (preemption) a node hosting a worker -> emergency checkpoint, preempted.
-3. workers {min: 4, max: 4} on 3 CPUs -> waits min_workers_timeout_s, then a clear error.
+3. Ray drains a worker's node with a deadline shorter than a storage save (a spare node
+   joins first) -> emergency checkpoint in the memory tier: the worker moves to the spare
+   node from its peer's copy, no step is lost, the job finishes without stopping.
+4. workers {min: 4, max: 4} on 3 CPUs -> waits min_workers_timeout_s, then a clear error.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ def test_ray_drain_of_a_worker_node_preempts_with_checkpoint(outcome):
     drained = outcome["drain"]
     assert drained["preempted"] and "draining" in drained["reason"]
     assert drained["last_checkpoint"].endswith(f"model.ckpt-{drained['steps_completed']}")
+
+
+def test_ray_drain_shorter_than_a_storage_save_moves_the_worker_through_peer_memory(outcome):
+    moved = outcome["drain_short"]
+    assert not moved["preempted"] and moved["steps_completed"] == moved["total_steps"]
+    assert moved["tiers"] == ["peer_memory"] and moved["steps_lost"] == [0]
+    assert moved["drained"] not in moved["final_nodes"] and moved["survivor_pid_kept"]
 
 
 def test_fewer_than_min_workers_waits_then_fails_clearly(outcome):
@@ -132,6 +142,40 @@ def _drain(cluster, root: Path) -> dict:
             "last_checkpoint": result.last_checkpoint or ""}
 
 
+def _drain_short(cluster, root: Path) -> dict:
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from orchestrator.cluster.supervisor import Supervisor
+    from tests.cluster.test_supervisor import Recorder
+
+    cluster.add_node(num_cpus=1)  # the spare the drained worker moves to
+    cluster.wait_for_nodes()
+    recorder = Recorder()
+    supervisor = Supervisor(_write(root, "drain-short", "2", 40), recorder)
+    supervisor.watcher.poll_interval_s = 0.0
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    seen = {}
+
+    def drain_with_a_short_deadline():  # shorter than any save plus the commit margin
+        seen["drained"] = node_id = supervisor.coordinator.worker_node_ids[0]
+        seen["survivor"] = supervisor.coordinator.worker_info[1]["pid"]
+        reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+        accepted, why = gcs.drain_node(node_id, reason, "test preemption", int(time.time() * 1000) + 900)
+        assert accepted, why
+
+    def look():
+        coord = supervisor.coordinator
+        seen["final_nodes"] = list(coord.worker_node_ids)
+        seen["survivor_pid_kept"] = ray.get(coord.workers[1].alive.remote(), timeout=60) == seen["survivor"]
+
+    recorder.actions = {15: drain_with_a_short_deadline, 35: look}
+    result = supervisor.run()
+    return {"preempted": result.preempted, "steps_completed": result.steps_completed, "total_steps": 40,
+            "tiers": [r.tier for r in supervisor.recoveries], "steps_lost": [r.steps_lost for r in supervisor.recoveries],
+            **seen}
+
+
 def _insufficient(root: Path) -> dict:
     from orchestrator.cluster.supervisor import Supervisor
 
@@ -160,7 +204,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             results = {"elastic": _elastic(cluster, root), "drain": _drain(cluster, root),
-                       "insufficient": _insufficient(root)}
+                       "drain_short": _drain_short(cluster, root), "insufficient": _insufficient(root)}
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -32,17 +32,20 @@ def test_async_write_holds_the_values_at_snapshot_time(tmp_path):
     assert int(reader.get_tensor("global_step")) == 1
 
 
-def test_snapshot_buffers_are_reused_and_one_save_at_a_time(tmp_path):
+def test_snapshot_outlives_its_write_and_one_save_at_a_time(tmp_path):
+    """The snapshot handed to ``on_snapshot`` is the memory checkpoint: the next save never reuses it."""
     saver = ShardSaver(rank=0, storage_options=None, fsync=False)
     weights = np.ones((256, 256), np.float32)
-    saver.start(1, str(tmp_path / "a-1"), 1, {"w": weights}, {}, asynchronous=True)
+    kept = []
+    saver.start(1, str(tmp_path / "a-1"), 1, {"w": weights}, {}, asynchronous=True, on_snapshot=kept.append)
     saver.wait_snapshot()
-    first_buffer = saver._snapshot._buffers["w"]
     first = saver._pending
-    saver.start(2, str(tmp_path / "a-2"), 1, {"w": weights * 2}, {}, asynchronous=True)
+    weights *= 2  # an in-place update after the snapshot
+    saver.start(2, str(tmp_path / "a-2"), 1, {"w": weights}, {}, asynchronous=True, on_snapshot=kept.append)
     assert first.done.is_set(), "the second save started only after the first write ended"
-    assert saver._snapshot._buffers["w"] is first_buffer
     assert saver.wait(2, timeout=60).nbytes > 0
+    assert [float(k["w"][0, 0]) for k in kept] == [1.0, 2.0]
+    assert kept[0]["w"] is not kept[1]["w"]
 
 
 def test_failed_write_fails_that_save_with_the_cause(tmp_path):

@@ -113,7 +113,9 @@ def reference(ray_session, tmp_path_factory):
     return root / "ckpt", result.last_checkpoint
 
 
-def test_killed_worker_is_replaced_and_training_continues(ray_session, reference, tmp_path):
+def test_killed_worker_alone_is_replaced_and_the_survivor_stays(ray_session, reference, tmp_path):
+    """SIGKILL of rank 1: rank 0 keeps its process and rolls back from its memory checkpoint,
+    rank 1's replacement restores from rank 0's copy; the result is bit-identical."""
     recorder = Recorder()
     supervisor = Supervisor(load_config(write_job(tmp_path)), recorder)
     seen: dict[str, list[int]] = {}
@@ -126,12 +128,14 @@ def test_killed_worker_is_replaced_and_training_continues(ray_session, reference
     result = supervisor.run()
 
     assert result.steps_completed == STEPS and result.failures_recovered == 1
-    assert not set(seen["before"]) & set(seen["after"])  # every worker is a new process
+    assert seen["after"][0] == seen["before"][0]  # the survivor kept its process
+    assert seen["after"][1] != seen["before"][1]  # the killed rank was replaced
     [(last_before, first_after)] = restarts(recorder.steps)
     restored = first_after - 1
     assert restored == 20 and last_before - restored <= SAVE_EVERY  # lost <= one interval
     assert len(recorder.failures) == 1 and "rank 1" in recorder.failures[0]
-    assert len(recorder.recoveries) == 1 and recorder.recoveries[0].total_s > 0
+    [recovery] = recorder.recoveries
+    assert recovery.total_s > 0 and recovery.tier == "peer_memory" and recovery.workers_replaced == 1
     assert read_all(result.last_checkpoint) == read_all(reference[1])  # bit-identical
 
 
