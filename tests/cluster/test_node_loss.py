@@ -149,8 +149,7 @@ def _drain_short(cluster, root: Path) -> dict:
     from orchestrator.cluster.supervisor import Supervisor
     from tests.cluster.test_supervisor import Recorder
 
-    cluster.add_node(num_cpus=1)  # the spare the drained worker moves to
-    cluster.wait_for_nodes()
+    cluster.add_node(num_cpus=1)  # the spare the drained worker moves to (a drained node leaves when idle)
     recorder = Recorder()
     supervisor = Supervisor(_write(root, "drain-short", "2", 40), recorder)
     supervisor.watcher.poll_interval_s = 0.0
