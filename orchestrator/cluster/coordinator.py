@@ -71,7 +71,7 @@ CHUNK_SECONDS = 0.25           # a chunk of steps lasts about this long (preempt
 MAX_CHUNK_STEPS = 1000
 PEER_REPORT_SLACK = 0.5        # x step_timeout_s: a peer waiting on a hung rank says which one, after step_timeout_s
 PROBE_TIMEOUT_S = 5.0          # after a failure: a worker that does not answer its liveness probe is lost
-ROOM_CHECK_S = 3.0             # a replacement not up by then: is there room for it at all?
+ROOM_CHECK_S = 2.0             # a replacement not up by then: is there room for it at all?
 
 
 class CoordinatorState(str, enum.Enum):
@@ -467,9 +467,13 @@ class Coordinator:
         for rank, worker in fresh.items():
             self.workers[rank] = worker
         pending = [(r, w.info.remote()) for r, w in fresh.items()]
-        ready, _ = ray.wait([ref for _, ref in pending], num_returns=len(pending), timeout=ROOM_CHECK_S)
-        if len(ready) < len(pending) and not room_for(len(lost)):
-            raise HealError(f"no room in the cluster for {len(lost)} replacement worker(s)")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # every ROOM_CHECK_S: is there room at all?
+            ready, _ = ray.wait([ref for _, ref in pending], num_returns=len(pending), timeout=ROOM_CHECK_S)
+            if len(ready) == len(pending):
+                break
+            if not room_for(len(lost)):
+                raise HealError(f"no room in the cluster for {len(lost)} replacement worker(s)")
         try:
             infos = self._wait_refs(pending, self.global_step, timeout, "starting a replacement")
         except WorkerFailedError as exc:

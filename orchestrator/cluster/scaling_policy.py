@@ -178,6 +178,17 @@ def probe_ray_capacity() -> list[NodeCapacity]:
             for node_id, res in free.items()]
 
 
+def probe_ray_totals() -> list[NodeCapacity]:
+    """Total resources of every alive node (draining ones count as none): what the cluster could
+    hold at all, whoever holds it now (a replacement worker asks this, not what is free)."""
+    import ray
+
+    draining = draining_node_ids()
+    return [NodeCapacity(node_id=n["NodeID"], cpus=float(n["Resources"].get("CPU", 0.0)),
+                         gpus=float(n["Resources"].get("GPU", 0.0)), draining=n["NodeID"] in draining)
+            for n in ray.nodes() if n.get("Alive")]
+
+
 def draining_node_ids() -> set[str]:
     """Hex ids of the nodes Ray is draining; empty when the query is unavailable."""
     return set(draining_nodes())

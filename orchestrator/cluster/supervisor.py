@@ -37,7 +37,7 @@ from orchestrator.cluster.errors import ClusterError, WorkerFailedError
 from orchestrator.cluster.failure_policy import DecisionKind, Failure, FailurePolicy
 from orchestrator.cluster.preemption import PreemptionWatcher
 from orchestrator.cluster.scaling_policy import (
-    NodeCapacity, ScalingPolicy, probe_ray_capacity)
+    NodeCapacity, ScalingPolicy, probe_ray_capacity, probe_ray_totals)
 from orchestrator.monitor.recovery import RecoveryRecord
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class Supervisor:
                  scaling_policy: ScalingPolicy | None = None,
                  watcher: PreemptionWatcher | None = None,
                  probe: Callable[[], Sequence[NodeCapacity]] = probe_ray_capacity,
+                 totals: Callable[[], Sequence[NodeCapacity]] = probe_ray_totals,
                  coordinator_factory=_default_coordinator_factory,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
@@ -188,6 +189,7 @@ class Supervisor:
         self._coordinator = None
         self.watcher = watcher or PreemptionWatcher.from_config(ft, worker_node_ids=self._worker_node_ids)
         self._probe = probe
+        self._totals = totals
         self._factory = coordinator_factory
         self._clock = clock
         self._sleep = sleep
@@ -285,16 +287,10 @@ class Supervisor:
         return True
 
     def _room_for(self, replacements: int) -> bool:
-        """Whether ``replacements`` more workers fit beside the ones still running (up to ``settle_s``
-        for the lost workers' resources to show as free)."""
+        """Whether the cluster could hold every worker of the running attempt at all (alive, not
+        draining nodes); asked when ``replacements`` new workers are slow to start."""
         current = self._current_workers()
-        deadline = self._clock() + self.settle_s
-        while True:
-            if self.scaling_policy.decide(self._probe(), held=current - replacements).num_workers >= current:
-                return True
-            if self._clock() >= deadline or self.watcher.requested():
-                return False
-            self._sleep(0.1)
+        return self.scaling_policy.decide(self._totals()).num_workers >= current
 
     def _classify(self, result, num_workers: int) -> AttemptResult:
         if not getattr(result, "preempted", False):
