@@ -598,6 +598,9 @@ class FaultToleranceConfig(_Group):
     grace_period_s: float = _key(30.0, "time allowed for the emergency checkpoint on preemption", Bound(gt=0))
     preemption_notice_file: Optional[Text] = _key(None, "a file whose appearance announces preemption")
     min_workers_timeout_s: float = _key(60.0, "how long to wait for workers.min workers to be placed", Bound(ge=0))
+    spare_workers: int = _key(
+        0, "workers started ahead and kept idle (each holds one worker's resources) that take a lost worker's place "
+           "without a process start; kept while the job runs workers.max workers", Bound(ge=0))
     preemption_notices: PreemptionNoticesConfig = Field(default_factory=PreemptionNoticesConfig)
 
 

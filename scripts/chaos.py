@@ -5,9 +5,10 @@ CPUs plus three 1-CPU worker nodes), a real S3-protocol server (moto_server) as 
 shared checkpoint store, then the job as an operator would: ``python -m orchestrator.cli
 train`` in a subprocess joined to that cluster (M=2). One fault at a time:
 
-* ``kill_worker``   SIGKILL of a worker actor's process (found by its process title,
-                    among the descendants of this cluster's raylets);
-* ``remove_node``   removal of a node hosting a worker (the spare node keeps M=2, so
+* ``kill_worker``   SIGKILL of a training worker actor's process (found by its process title,
+                    among the descendants of this cluster's raylets, and named in the
+                    coordinator's latest ``workers:`` log line: a spare worker is not one);
+* ``remove_node``   removal of a node hosting a worker (the third node keeps M=2, so
                     equality must hold); after the recovery a fresh node joins;
 * ``sigterm_driver`` SIGTERM to the driver: emergency checkpoint, exit code 3, then the
                     same command is launched again and must resume;
@@ -24,6 +25,9 @@ line of a relaunched driver). Each recovery is broken down by kind of fault: det
 and first-step times, the steps lost and the tier restored from (parsed from the
 ``recovered in`` line). Finally the job's last checkpoint is compared, tensor by
 tensor and bit for bit, with an uninterrupted run of the same config and M.
+
+The job runs with ``fault_tolerance.spare_workers: 1`` (``--spare-workers``; 0: every
+replacement starts a fresh process) and ``checkpoint.memory_every_steps`` from ``--memory-every``.
 
     python scripts/chaos.py --faults 5          # short (the default test suite runs this)
     python scripts/chaos.py --faults 50         # long
@@ -60,6 +64,7 @@ FAULT_KINDS = ("kill_worker", "remove_node", "sigterm_driver", "fail_shard_write
 WORKER_PROCESS_TITLE = b"ray::WorkerActor"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
 RECOVERED_LINE = re.compile(r"recovered in ")
+WORKERS_LINE = re.compile(r"\bworkers: ((?:\d+=\d+@\w+,?)+)")  # the coordinator's rank=pid@node line
 FAILURE_LINE = re.compile(r"failure #\d+: ")
 BREAKDOWN = re.compile(r"recovered in [\d.]+ s from (?P<tier>[\w ]+) \(detect (?P<detect>[\d.]+) s, "
                        r"replace (?P<replace>[\d.]+) s, restore (?P<restore>[\d.]+) s, first step "
@@ -249,8 +254,10 @@ def _free_port() -> int:
 # ---------------------------------------------------------------- the job's config
 
 def write_config(path: Path, tag: str, work: Path, address: str, steps: int,
-                 save_every: int, seed: int, store: "S3Storage") -> Path:
-    """A digits-MLP job with M=2 (min=max, so the math is the same with or without faults)."""
+                 save_every: int, seed: int, store: "S3Storage", spares: int = 1,
+                 memory_every: int = 0) -> Path:
+    """A digits-MLP job with M=2 (min=max, so the math is the same with or without faults),
+    ``spares`` spare workers and memory-only checkpoints every ``memory_every`` steps."""
     options = json.dumps(store.options())  # JSON is YAML
     path.write_text(f"""\
 name: chaos-{tag}
@@ -263,9 +270,10 @@ train: {{steps: {steps}, log_every_steps: 1, eval_every_steps: 0}}
 workers: {{min: 2, max: 2}}
 resources: {{cpus_per_worker: 1}}
 checkpoint: {{dir: "{store.url('ckpt-' + tag)}", storage_options: {options},
-             save_every_steps: {save_every}, max_to_keep: 3, async_save: true}}
+             save_every_steps: {save_every}, max_to_keep: 3, async_save: true,
+             memory_every_steps: {memory_every}}}
 fault_tolerance: {{max_failures: -1, backoff_s: 0.0, step_timeout_s: 60, grace_period_s: 30,
-                  min_workers_timeout_s: 60}}
+                  min_workers_timeout_s: 60, spare_workers: {spares}}}
 resume: auto
 cluster: {{address: "{address}"}}
 logging: {{level: info, progress: plain, tensorboard: false}}
@@ -323,6 +331,16 @@ class Driver:
                 if match:
                     return t, match
         return None
+
+    def training_pids(self) -> set[int]:
+        """The training workers' pids, from the coordinator's latest ``workers:`` line (spare
+        workers run as the same actor class but are not training)."""
+        with self._lock:
+            for _, _, line in reversed(self.lines):
+                match = WORKERS_LINE.search(line)
+                if match:
+                    return {int(item.split("=")[1].split("@")[0]) for item in match.group(1).split(",")}
+        return set()
 
     def last_step(self) -> int:
         with self._lock:
@@ -467,7 +485,8 @@ class Injector:
         return getattr(self, kind)()
 
     def _pick_worker(self) -> tuple[int, object]:
-        workers = self.cluster.worker_pids()
+        training = self.driver.training_pids()
+        workers = {pid: node for pid, node in self.cluster.worker_pids().items() if pid in training}
         if not workers:
             raise RuntimeError("no worker actor process found in the chaos cluster")
         pid = self.rng.choice(sorted(workers))
@@ -659,7 +678,7 @@ def result_table(result: ChaosResult) -> str:
 # ---------------------------------------------------------------- main
 
 def run_chaos(faults: int, steps: int, save_every: int, seed: int, work: Path,
-              timeout: float) -> ChaosResult:
+              timeout: float, spares: int = 1, memory_every: int = 0) -> ChaosResult:
     rng = random.Random(seed)
     started = time.monotonic()
     store = S3Storage()
@@ -669,7 +688,7 @@ def run_chaos(faults: int, steps: int, save_every: int, seed: int, work: Path,
         reference = _run_reference(cluster, store, work, steps, save_every, seed, timeout)
         chaos = CheckpointDir(store, "ckpt-chaos")
         cfg = write_config(work / "chaos.yaml", "chaos", work, cluster.address, steps,
-                           save_every, seed, store)
+                           save_every, seed, store, spares, memory_every)
         records = chaos_run(cluster, cfg, chaos, work / "chaos.log", faults, save_every,
                             steps, rng, timeout)
         ref, got = reference.final_prefix(), chaos.final_prefix()
@@ -686,7 +705,7 @@ def run_chaos(faults: int, steps: int, save_every: int, seed: int, work: Path,
 
 def _run_reference(cluster, store, work, steps, save_every, seed, timeout) -> CheckpointDir:
     config = write_config(work / "reference.yaml", "reference", work, cluster.address, steps,
-                          save_every, seed, store)
+                          save_every, seed, store, spares=0)
     code = run_uninterrupted(config, work / "reference.log", timeout)
     if code != 0:
         raise RuntimeError(f"uninterrupted run exited with {code}; see {work / 'reference.log'}")
@@ -699,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: enough for the faults)")
     parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--spare-workers", type=int, default=1,
+                        help="fault_tolerance.spare_workers of the chaos job (0: replacements start fresh)")
+    parser.add_argument("--memory-every", type=int, default=0, help="checkpoint.memory_every_steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=180.0, help="per wait, seconds")
     parser.add_argument("--workdir", default=None, help="kept after the run when given")
@@ -709,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or args.save_every * (12 * args.faults + 6)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    result = run_chaos(args.faults, steps, args.save_every, args.seed, work, args.timeout)
+    result = run_chaos(args.faults, steps, args.save_every, args.seed, work, args.timeout,
+                       args.spare_workers, args.memory_every)
     table = result_table(result) + "\n\n" + kind_table(result)
     print(table)
     if args.markdown:

@@ -190,6 +190,9 @@ class Coordinator:
         self.restore_tier: str | None = None  # where the last restore came from: peer_memory | storage
         self.workers_replaced = 0             # by the last heal
         self._dataset_ref: Any = None
+        self.spares: list[Any] = []  # fault_tolerance.spare_workers, idle until a worker is lost
+        at_max = self.num_workers >= int(config.workers.max)  # below max, free room is for growing
+        self.spare_count = int(config.fault_tolerance.spare_workers) if at_max else 0
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
         self.eval_policy = EvalPolicy(config.train.eval_every_steps)
         self.manager = recipe.checkpoint_manager(config)
@@ -241,6 +244,41 @@ class Coordinator:
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
         self.ready_at = self.last_progress = self.clock()
+        self._log_workers()
+        self._start_spares()
+
+    def _log_workers(self) -> None:
+        """One line naming each rank's process and node (operators, and the chaos script, read it)."""
+        log.info("workers: %s", ",".join(f"{r}={i['pid']}@{i['node_id'][:12]}" for r, i in enumerate(self.worker_info)))
+
+    def _start_spares(self) -> None:
+        """Start spare workers up to ``spare_count`` (not waited for: they come up in the background)."""
+        missing = self.spare_count - len(self.spares)
+        if missing > 0:
+            actor_cls, options = self.worker_factory(), self._actor_options()
+            self.spares += [actor_cls.options(**options).remote(self.config, 0, self.num_workers, self._dataset_ref)
+                            for _ in range(missing)]
+
+    def _usable_spares(self) -> list[Any]:
+        """The spares, those up first, then those still starting (ahead of a fresh actor all the
+        same); dead ones (their node lost) are dropped."""
+        if not self.spares:
+            return []
+        probes = [s.alive.remote() for s in self.spares]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=0.2)
+        answered = {ref.hex() for ref in ready}
+        up, starting = [], []
+        for spare, probe in zip(self.spares, probes):
+            if probe.hex() not in answered:
+                starting.append(spare)
+                continue
+            try:
+                ray.get(probe, timeout=CONTROL_TIMEOUT_S)
+                up.append(spare)
+            except ray.exceptions.RayError:
+                ray.kill(spare, no_restart=True)
+        self.spares = []
+        return up + starting
 
     def _connect_workers(self, timeout: float) -> None:
         """Connect the workers' exchange; every rank then holds every owner's parameters."""
@@ -438,6 +476,8 @@ class Coordinator:
         self._first_step = self.global_step
         self.state = CoordinatorState.READY
         self.ready_at = self.last_progress = self.clock()
+        self._log_workers()
+        self._start_spares()
         log.warning("healed: %d worker(s) replaced, every worker at step %d (from %s)", len(lost),
                     self.global_step, self.restore_tier.replace("_", " "))
 
@@ -462,11 +502,16 @@ class Coordinator:
         for rank in lost:
             ray.kill(self.workers[rank], no_restart=True)
         actor_cls, options = self.worker_factory(), self._actor_options()
-        fresh = {r: actor_cls.options(**options).remote(self.config, r, self.num_workers, self._dataset_ref)
-                 for r in sorted(lost)}
-        for rank, worker in fresh.items():
-            self.workers[rank] = worker
-        pending = [(r, w.info.remote()) for r, w in fresh.items()]
+        spares, pending = self._usable_spares(), []
+        for rank in sorted(lost):
+            if spares:  # started already: only its rank's share to set up
+                self.workers[rank] = spares.pop(0)
+                pending.append((rank, self.workers[rank].become.remote(rank)))
+            else:
+                self.workers[rank] = actor_cls.options(**options).remote(self.config, rank, self.num_workers,
+                                                                         self._dataset_ref)
+                pending.append((rank, self.workers[rank].info.remote()))
+        self.spares = spares
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # every ROOM_CHECK_S: is there room at all?
             ready, _ = ray.wait([ref for _, ref in pending], num_returns=len(pending), timeout=ROOM_CHECK_S)
@@ -478,7 +523,7 @@ class Coordinator:
             infos = self._wait_refs(pending, self.global_step, timeout, "starting a replacement")
         except WorkerFailedError as exc:
             raise HealError(f"replacement worker(s) {sorted(lost)} did not start: {exc}") from exc
-        for rank, info in zip(fresh, infos):
+        for (rank, _), info in zip(pending, infos):
             self.worker_info[rank] = info
 
     def _restore_from_memory(self, lost: set[int]) -> bool:
@@ -789,7 +834,7 @@ class Coordinator:
             log.warning("shutdown: the in-flight save is abandoned (%s: %s)", type(exc).__name__, exc)
             self._abandon_in_flight()
         finally:
-            for worker in self.workers:
+            for worker in self.workers + self.spares:
                 ray.kill(worker, no_restart=True)
             self.state = CoordinatorState.SHUT_DOWN
 

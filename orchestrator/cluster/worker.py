@@ -92,11 +92,22 @@ class TrainWorker(PeerMemoryWorker):
         coordinator needs the type to stop the job instead of restarting it.
         """
         self.config, self.rank, self.num_workers = config, rank, num_workers
+        self._dataset_source = dataset
         self._setup_error: Exception | None = None
         try:
             self._setup(dataset)
         except (protocol.PluginError, DatasetError) as exc:
             self._setup_error = exc
+
+    def become(self, rank: int) -> dict:
+        """A spare (``fault_tolerance.spare_workers``, started ahead as rank 0) takes ``rank``: its
+        process, imports and data are ready, only the rank's share is set up again. Its ``info()``."""
+        self.rank = rank
+        try:
+            self._setup(self._dataset_source)
+        except (protocol.PluginError, DatasetError) as exc:
+            self._setup_error = exc
+        return self.info()
 
     def _setup(self, dataset) -> None:
         config, rank, num_workers = self.config, self.rank, self.num_workers

@@ -170,3 +170,23 @@ def test_memory_only_checkpoints_lose_at_most_memory_every_steps(tmp_path, run_c
     assert coordinator.restore_tier == "peer_memory" and error.step - coordinator.global_step <= 3
     coordinator.run()
     assert_bit_identical(worker_state(coordinator), worker_state(reference))
+
+
+def test_a_spare_worker_takes_the_lost_rank_and_a_new_spare_starts(tmp_path, run_coordinator):
+    config = make_config(str(tmp_path / "ckpt"), workers=2, steps=40, save_every=5, **RECIPE)
+    config = with_changes(config, fault_tolerance={"spare_workers": 1})
+    coordinator = run_coordinator(config)
+    _steps(coordinator, 6)
+    [spare] = coordinator.spares
+    spare_pid = ray.get(spare.alive.remote(), timeout=RAY_TIMEOUT_S)
+
+    coordinator.heal(_fail(coordinator, 1), start_timeout=RAY_TIMEOUT_S)
+
+    assert _pids(coordinator)[1] == spare_pid and coordinator.worker_info[1]["rank"] == 1
+    assert coordinator.restore_tier == "peer_memory" and coordinator.global_step == 5
+    assert len(coordinator.spares) == 1 and coordinator.spares[0] is not spare
+    coordinator.run()  # to the end, with the spare as rank 1
+    reference = run_coordinator(with_changes(config, checkpoint={"dir": str(tmp_path / "reference")},
+                                             fault_tolerance={"spare_workers": 0}))
+    reference.run()
+    assert_bit_identical(worker_state(coordinator), worker_state(reference))
