@@ -7,7 +7,11 @@
     step split into compute (the engine), communication and orchestration, and the ratio M/1;
 (d) side by side with Ray Train + PyTorch DDP (gloo backend) doing the same work: the same MLP,
     global batch 128 split over the same M workers, SGD, synthetic data, one thread per worker.
-    Needs the ``bench`` extra (torch, ray[train]).
+    Needs the ``bench`` extra (torch, ray[train]);
+(e) the transport alone, M=2, the bytes one step of that MLP moves (each rank's gradients for the other
+    owner, then each owner's parameters), no compute: a Ray Compiled Graph (``ray.dag``, shared-memory
+    channels, one ``execute`` per step from the driver) vs the workers' own exchange running K steps per
+    call (shared memory on one node; TCP, as between nodes).
 
     python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
 
@@ -28,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from orchestrator.cluster.coordinator import Coordinator  # noqa: E402
@@ -226,23 +231,124 @@ def ddp_loop(config: dict) -> None:
         return time.perf_counter() - begin
 
     steps(config["warmup"])
-    ray.train.report({"step_s": steps(config["steps"]) / config["steps"]})
+    step_s = steps(config["steps"]) / config["steps"]
+    with open(os.path.join(config["out"], f"rank{rank}.txt"), "w") as f:  # Ray Train's Result may hold no metrics
+        f.write(repr(step_s))
 
 
 def bench_ddp(root: str, workers: int, steps: int, ours: StepSplit) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    trainer = TorchTrainer(ddp_loop, train_loop_config={"warmup": WARMUP_STEPS, "steps": steps},
+    out = os.path.join(root, "ddp_times")
+    os.makedirs(out, exist_ok=True)
+    trainer = TorchTrainer(ddp_loop, train_loop_config={"warmup": WARMUP_STEPS, "steps": steps, "out": out},
                            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.25}),
                            torch_config=TorchConfig(backend="gloo"),
                            run_config=RunConfig(storage_path=os.path.join(root, "ray_train"), name="ddp"))
-    theirs = trainer.fit().metrics["step_s"]
+    trainer.fit()
+    theirs = max(float(open(os.path.join(out, f"rank{r}.txt")).read()) for r in range(workers))
     print(f"(d) side by side, M={workers}, same MLP / batch 128 / SGD / synthetic data / 1 thread per worker:")
     print(f"    orchestrator (c): {ours.steps_per_s:.1f} steps/s; Ray Train + PyTorch DDP (gloo): "
           f"{1 / theirs:.1f} steps/s (timed inside its training loop, {steps} steps after {WARMUP_STEPS})")
     print(f"    ours / theirs = {theirs / ours.step_s:.2f}x (target >= 1.0x): "
           f"{'MET' if ours.step_s <= theirs else 'MISSED'}")
+
+
+# ------------------------------------------------------------------------------ (e)
+MLP_FLOATS = 784 * 625 + 625 + 625 * 625 + 625 + 625 * 10 + 10
+
+
+class _DagPeer:
+    """One rank in the compiled graph: hands out the other owner's gradients, sums what it owns, installs
+    the other owner's parameters."""
+
+    def __init__(self, floats: int):
+        self.grads = np.ones(floats, np.float32)
+        self.params = np.zeros(floats, np.float32)
+        self.others = np.zeros(floats, np.float32)
+
+    def grads_for_peer(self, step: int) -> np.ndarray:
+        return self.grads
+
+    def reduce(self, step: int, received: np.ndarray) -> np.ndarray:
+        np.add(self.grads, received, out=self.params)
+        return self.params
+
+    def install(self, params: np.ndarray) -> int:
+        self.others[...] = params
+        return 0
+
+
+class _LoopPeer:
+    """One rank running the same exchange itself, ``count`` steps per call."""
+
+    def __init__(self, rank: int, floats: int, shared_memory: bool):
+        from orchestrator.checkpoint.variables import Variable
+        from orchestrator.cluster.exchange import SocketExchange
+        from orchestrator.cluster.ownership import assign_owners
+
+        self.rank = rank
+        self.variables = {n: Variable(n, np.zeros(floats, np.float32)) for n in ("a", "b")}
+        ownership = assign_owners({n: v.nbytes for n, v in self.variables.items()}, 2)
+        self.owned = ownership.owned_by(rank)
+        self.grads = {n: np.ones(floats, np.float32) for n in self.variables}
+        self.exchange = SocketExchange(rank, 2, self.variables, ownership, 60.0, "127.0.0.1",
+                                       node="one", shared_memory=shared_memory)
+
+    def address(self) -> dict:
+        return self.exchange.address()
+
+    def connect(self, addresses: list) -> str:
+        self.exchange.connect(addresses)
+        return self.exchange.mode
+
+    def steps(self, first: int, count: int) -> None:
+        for step in range(first, first + count):
+            totals = self.exchange.reduce(step, self.grads, self.owned)
+            for name in self.owned:
+                np.copyto(self.variables[name].value, totals[name])
+            self.exchange.share(step, 0.0)
+
+
+def bench_transport(steps: int) -> None:
+    from ray.dag import InputNode, MultiOutputNode
+
+    floats = MLP_FLOATS // 2
+    options = {"num_cpus": 0.25}
+    peers = [ray.remote(_DagPeer).options(**options).remote(floats) for _ in range(2)]
+    with InputNode() as step:
+        sent = [p.grads_for_peer.bind(step) for p in peers]
+        params = [peers[j].reduce.bind(step, sent[1 - j]) for j in range(2)]
+        dag = MultiOutputNode([peers[j].install.bind(params[1 - j]) for j in range(2)])
+    compiled = dag.experimental_compile()
+    try:
+        def run_dag(count: int) -> float:
+            begin = time.perf_counter()
+            for i in range(count):
+                ray.get(compiled.execute(i), timeout=60)
+            return (time.perf_counter() - begin) / count
+
+        run_dag(WARMUP_STEPS)
+        results = {"compiled graph (driver executes every step)": run_dag(steps)}
+    finally:
+        compiled.teardown()
+        for peer in peers:
+            ray.kill(peer)
+    for shared_memory in (True, False):
+        loop = [ray.remote(_LoopPeer).options(**options).remote(r, floats, shared_memory) for r in range(2)]
+        addresses = ray.get([p.address.remote() for p in loop], timeout=60)
+        mode = ray.get([p.connect.remote(addresses) for p in loop], timeout=60)[0]
+        ray.get([p.steps.remote(0, WARMUP_STEPS) for p in loop], timeout=120)
+        begin = time.perf_counter()
+        ray.get([p.steps.remote(WARMUP_STEPS, steps) for p in loop], timeout=600)
+        results[f"workers' own loop, exchange over {mode}"] = (time.perf_counter() - begin) / steps
+        for peer in loop:
+            ray.kill(peer)
+    print(f"(e) transport alone, M=2: {2 * floats * 4 / 1e6:.2f} MB of gradients and parameters in and out of each "
+          f"rank per step, no compute; mean of {steps} steps")
+    for label, seconds in results.items():
+        print(f"    {label}: {seconds * 1e3:.2f} ms/step")
 
 
 def main() -> None:
@@ -254,7 +360,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="saves per M in (b)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per M in (c)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
-    parser.add_argument("--only", choices=["a", "b", "c", "d"], nargs="+", default=["a", "b", "c", "d"])
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], nargs="+", default=["a", "b", "c", "d", "e"])
     parser.add_argument("--ddp-workers", type=int, default=2, help="M of the side by side (d); must be in --workers")
     args = parser.parse_args()
     for name in BLAS_THREAD_VARIABLES:  # one BLAS thread per worker: Ray's workers inherit these
@@ -271,6 +377,8 @@ def main() -> None:
             splits = bench_steps(root, args.workers, args.steps)
         if "d" in args.only:
             bench_ddp(root, args.ddp_workers, args.steps, next(s for s in splits if s.workers == args.ddp_workers))
+        if "e" in args.only:
+            bench_transport(args.steps)
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
