@@ -76,6 +76,7 @@ class SocketExchange:
         self.seconds = 0.0  # wall time spent in the exchange, waiting for peers included
         self._listener = socket.create_server((host, 0), backlog=world)
         self._received: dict[int, dict[str, np.ndarray]] = {}
+        self._totals: dict[str, np.ndarray] = {}
         self._losses = {peer: np.zeros(1, _LOSS) for peer in range(world) if peer != rank}
         self._steps = {peer: np.zeros(1, _STEP) for peer in range(world) if peer != rank}
         self._segment = _Segment.create(self._layout(rank)) if shared_memory else None
@@ -158,12 +159,20 @@ class SocketExchange:
         incoming = {peer: [received[n] for n in self.names_of[self.rank]]
                     for peer, received in self._received.items()}
         self._transfer(outgoing, incoming, "gradients", step)
+        return self.sum_in_rank_order(owned, lambda rank, name: grads[name] if rank == self.rank
+                                      else self._received[rank][name])
+
+    def sum_in_rank_order(self, owned: Sequence[str], part: Any) -> dict[str, np.ndarray]:
+        """Each owned gradient summed over ranks 0..M-1 in that order (``part(rank, name)``), into
+        buffers kept from step to step (no allocation, no page faults); the same bits as ``a + b + ...``."""
         totals = {}
         for name in owned:
-            parts = [grads[name] if r == self.rank else self._received[r][name] for r in range(self.world)]
-            total = parts[0]
-            for part in parts[1:]:
-                total = total + part
+            total = self._totals.get(name)
+            if total is None:
+                total = self._totals[name] = np.empty_like(_host(self.variables[name].value))
+            np.add(part(0, name), part(1, name), out=total)
+            for rank in range(2, self.world):
+                np.add(total, part(rank, name), out=total)
             totals[name] = total
         return totals
 
@@ -286,13 +295,8 @@ class _Shared:
         mine = np.array([step], _STEP)
         self.x._transfer({p: [mine] for p in self.x.peers}, {p: [self.x._steps[p]] for p in self.x.peers},
                          "gradients", step)
-        totals = {}
-        for name in owned:
-            total = grads[name] if self.x.rank == 0 else self.peers[0].view(f"grad:{name}")
-            for rank in range(1, self.x.world):
-                total = total + (grads[name] if rank == self.x.rank else self.peers[rank].view(f"grad:{name}"))
-            totals[name] = total
-        return totals
+        return self.x.sum_in_rank_order(owned, lambda rank, name: grads[name] if rank == self.x.rank
+                                        else self.peers[rank].view(f"grad:{name}"))
 
     def share(self, step: int, loss_sum: float) -> list[float]:
         self._bind_owned()
