@@ -12,18 +12,32 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
 
 
-def test_bench_prints_throughputs_and_ratio(capsys, monkeypatch):
+def _run(monkeypatch, capsys, *extra):
     pytest.importorskip("torch", reason="torch is the benchmark-only 'bench' extra")
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--steps", "2", "--rounds", "1", "--warmup", "1",
-                                      "--threads", "1", "--examples", "300"])
+                                      "--threads", "1", "--examples", "300", *extra])
     runpy.run_path(str(SCRIPT), run_name="__main__")
-    out = capsys.readouterr().out
-    engine = float(re.search(r"engine \(numpy\):\s+([\d.]+) steps/s", out).group(1))
-    torch_rate = float(re.search(r"torch  \(cpu\):\s+([\d.]+) steps/s", out).group(1))
-    ratio = float(re.search(r"ratio engine / torch: ([\d.]+)x", out).group(1))
-    assert engine > 0 and torch_rate > 0
-    assert ratio == pytest.approx(engine / torch_rate, rel=0.02, abs=0.01)
-    assert "threads: 1" in out
+    return capsys.readouterr().out
+
+
+def test_bench_prints_throughputs_and_ratio_of_every_workload(capsys, monkeypatch):
+    out = _run(monkeypatch, capsys, "--no-memory")
+    engine = [float(v) for v in re.findall(r"engine \(numpy\):\s+([\d.]+) steps/s", out)]
+    torch_rate = [float(v) for v in re.findall(r"torch  \(cpu\):\s+([\d.]+) steps/s", out)]
+    ratio = [float(v) for v in re.findall(r"ratio engine / torch: ([\d.]+)x", out)]
+    assert re.findall(r"^\[(\w+)\]", out, re.M) == ["mlp", "cnn", "transformer"]
+    assert len(engine) == len(torch_rate) == len(ratio) == 3
+    for mine, theirs, quotient in zip(engine, torch_rate, ratio):
+        assert mine > 0 and theirs > 0
+        assert quotient == pytest.approx(mine / theirs, rel=0.02, abs=0.01)
+    assert "threads: 1" in out and "peak memory" not in out
+
+
+def test_bench_reports_peak_memory_of_both_sides(capsys, monkeypatch):
+    out = _run(monkeypatch, capsys, "--workloads", "cnn")
+    found = re.search(r"peak memory growth: engine ([\d.]+) MiB, torch ([\d.]+) MiB", out)
+    assert found, out
+    assert float(found.group(1)) > 0 and float(found.group(2)) > 0
 
 
 def test_bench_gpu_without_gpu_fails_with_a_clear_message(monkeypatch):
