@@ -22,6 +22,8 @@ numpy and the CUDA kernel (``CUDA_PHILOX_SOURCE``, the same rounds with
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from orchestrator.errors import InvalidArgumentError
@@ -87,33 +89,47 @@ def random_bits(seed: int, step: int, layer: int, example_offset: int,
 
 
 def _philox_full(counter, key, shape) -> tuple[np.ndarray, ...]:
-    """``philox4x32`` for a counter that broadcasts to ``shape``, with in-place rounds.
+    """``philox4x32`` for a counter that broadcasts to ``shape``: the four words as uint32.
 
-    The first 3 rounds run on the broadcast operands (cheap: most are rows or columns),
-    the rest on full arrays without temporaries.
+    The first 2 rounds run on the broadcast operands (cheap: rows or columns), the
+    rest on full arrays with 4 ufunc passes per round instead of 10: each 32 x 32 -> 64-bit
+    product lands in a uint64 buffer whose two uint32 halves are read as strided views
+    (hi and lo, no shift or mask), and products alternate between two buffers so the lo
+    halves carried into the next round are not overwritten while still needed.
     """
     k0, k1 = key
-    c0, c1, c2, c3 = philox4x32(counter, key, rounds=3)
-    for _ in range(3):
+    c0, c1, c2, c3 = philox4x32(counter, key, rounds=_BROADCAST_ROUNDS)
+    for _ in range(_BROADCAST_ROUNDS):
         k0 = (k0 + PHILOX_W0) & 0xFFFFFFFF
         k1 = (k1 + PHILOX_W1) & 0xFFFFFFFF
-    c0, c1, c2, c3 = (np.array(np.broadcast_to(c, shape)) for c in (c0, c1, c2, c3))
-    product0, product1 = np.empty(shape, np.uint64), np.empty(shape, np.uint64)
+    c0, c2 = (np.array(np.broadcast_to(c, shape), dtype=np.uint32) for c in (c0, c2))
+    c1, c3 = (np.broadcast_to(c.astype(np.uint32), shape) for c in (c1, c3))
+    buffers = [(np.empty(shape, np.uint64), np.empty(shape, np.uint64)) for _ in range(2)]
     m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
-    for _ in range(PHILOX_ROUNDS - 3):
+    for index in range(PHILOX_ROUNDS - _BROADCAST_ROUNDS):
+        product0, product1 = buffers[index % 2]
         np.multiply(c0, m0, out=product0)
         np.multiply(c2, m1, out=product1)
-        np.right_shift(product1, _SHIFT32, out=c0)           # c0 = hi1 ^ c1 ^ k0
-        c0 ^= c1
-        c0 ^= np.uint64(k0)
-        np.right_shift(product0, _SHIFT32, out=c2)           # c2 = hi0 ^ c3 ^ k1
-        c2 ^= c3
-        c2 ^= np.uint64(k1)
-        np.bitwise_and(product1, _MASK32, out=c1)            # c1 = lo1
-        np.bitwise_and(product0, _MASK32, out=c3)            # c3 = lo0
+        lo0, hi0 = _halves(product0)
+        lo1, hi1 = _halves(product1)
+        np.bitwise_xor(hi1, c1, out=c0)                       # c0 = hi1 ^ c1 ^ k0
+        c0 ^= np.uint32(k0)
+        np.bitwise_xor(hi0, c3, out=c2)                       # c2 = hi0 ^ c3 ^ k1
+        c2 ^= np.uint32(k1)
+        c1, c3 = lo1, lo0
         k0 = (k0 + PHILOX_W0) & 0xFFFFFFFF
         k1 = (k1 + PHILOX_W1) & 0xFFFFFFFF
     return c0, c1, c2, c3
+
+
+_BROADCAST_ROUNDS = 2      # after 2 rounds every word depends on both the unit and the example
+_LOW = 0 if sys.byteorder == "little" else 1
+
+
+def _halves(product: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) 32-bit halves of a uint64 array, as uint32 views."""
+    pairs = product.view(np.uint32).reshape(*product.shape, 2)
+    return pairs[..., _LOW], pairs[..., 1 - _LOW]
 
 
 def keep_mask(seed: int, step: int, layer: int, example_offset: int,
