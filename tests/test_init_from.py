@@ -157,3 +157,14 @@ def test_init_from_our_own_checkpoint_and_exported_file(tmp_path, capsys):
     path = _job(tmp_path, {"checkpoint": str(tmp_path / "small.safetensors"), "variables": ["dense/*"]})
     code, _, err = cli(capsys, "validate", str(path))
     assert code == EXIT_OK, err
+
+
+def test_resume_of_a_checkpoint_no_job_wrote_points_to_init_from_before_anything_starts(tmp_path, tf1_small):
+    job = {"name": "warm", "run_dir": str(tmp_path / "run"), "checkpoint": {"dir": str(tmp_path / "ckpt")}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    proc = run_cli("train", str(path), "--set", f"resume={tf1_small[0]}", cwd=tmp_path, env={"RAY_ADDRESS": "local"})
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: resume: {tf1_small[0]} has no _MODEL_STRUCTURE record") and "init_from:" in last
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator import rules
-from orchestrator.checkpoint import bundle, state, warm_start
+from orchestrator.checkpoint import bundle, state, structure, warm_start
+from orchestrator.checkpoint.reader import CheckpointReader
 from orchestrator.checkpoint.manager import CheckpointManager
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.cluster.errors import RestoreError
@@ -53,6 +54,10 @@ def add_code_paths(config: JobConfig) -> None:
     plugins_lib.add_import_dirs([os.getcwd(), *parents])
 
 
+WARM_START_HINT = ("to start a new run from some of its variables, give init_from: {checkpoint: PATH, "
+                   "variables: [globs], rename: {checkpoint name: model name}} instead of resume")
+
+
 def resume_target(config, resume: str | None = None) -> str | None:
     """The checkpoint ``resume: <prefix or directory>`` names, or None for ``auto``/``never``.
 
@@ -65,12 +70,22 @@ def resume_target(config, resume: str | None = None) -> str | None:
     options = checkpoint_options(config)
     storage, path = Storage.for_path(resume, options)
     if storage.exists(bundle.index_filename(path)):
-        return path
+        return _resumable(path, options)
     latest = state.latest_checkpoint(path, storage_options=options) if storage.isdir(path) else None
     if latest is None:
         raise RestoreError(f"resume: no committed checkpoint at {resume!r} "
                            f"(neither {path}.index nor a directory whose 'checkpoint' state file names one)")
-    return latest
+    return _resumable(latest, options)
+
+
+def _resumable(prefix: str, options) -> str:
+    """``prefix`` if a job wrote it (its structure record is there: reads the index only)."""
+    with CheckpointReader(prefix, options) as reader:
+        if not reader.has_tensor(structure.STRUCTURE_KEY):
+            raise RestoreError(f"resume: {prefix} has no {structure.STRUCTURE_KEY} record (a job of ours did not "
+                               f"write it: TensorFlow or a plain Saver did), so it cannot be resumed; "
+                               f"{WARM_START_HINT}")
+    return prefix
 
 
 def warm_start_plan(config: JobConfig, variables, prefix: str | None = None) -> warm_start.WarmStartPlan:

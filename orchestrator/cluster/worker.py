@@ -301,14 +301,15 @@ class TrainWorker(PeerMemoryWorker):
     def _check_structure(self, reader, prefix: str) -> None:
         record = structure_lib.read_structure(reader)
         if record is None:
-            raise RestoreError(f"{prefix}: no {structure_lib.STRUCTURE_KEY} record; not written by this runtime")
+            raise RestoreError(f"{prefix}: no {structure_lib.STRUCTURE_KEY} record; not written by this runtime, so "
+                               f"it cannot be resumed: {recipe.WARM_START_HINT}")
         expected = json.loads(json.dumps(self.spec.to_dict()))
         if record["spec"] != expected:
             diffs = sorted(k for k in set(expected) | set(record["spec"])
                            if expected.get(k) != record["spec"].get(k))
             detail = ", ".join(f"{k}: checkpoint {record['spec'].get(k)!r} vs config {expected.get(k)!r}"
                                for k in diffs)
-            raise RestoreError(f"{prefix}: the checkpoint holds a different model ({detail})")
+            raise RestoreError(f"{prefix}: the checkpoint holds a different model ({detail}); {recipe.WARM_START_HINT}")
 
 
 def _read_tensors(reader, prefix: str, likes: dict[str, Any]) -> dict[str, np.ndarray]:
