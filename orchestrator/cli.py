@@ -77,22 +77,24 @@ def _load_checked(args: argparse.Namespace, run_checks: Callable[[JobConfig], An
         raise error_at(args.config, args.set or [], key, str(exc)) from None
 
 
-def _validate_checks(cfg: JobConfig) -> None:
+def _validate_checks(cfg: JobConfig) -> Any:
     """``validate``'s checks beyond the config: factories import; with ``init_from``, the model is
-    built (reading the data) so that the warm start's names are checked against it and the checkpoint."""
+    built (reading the data) so that the warm start's names are checked against it and the checkpoint
+    (returns the warm start plan, else None)."""
     from orchestrator.cluster.preflight import build_on_cpu, check_init_from, import_factories
 
     import_factories(cfg)
-    if cfg.init_from is not None:
-        check_init_from(build_on_cpu(cfg)[0], cfg)
+    return check_init_from(build_on_cpu(cfg)[0], cfg) if cfg.init_from is not None else None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint.claim import check_directory
 
-    cfg, _ = _load_checked(args, _validate_checks)
+    cfg, warm_start = _load_checked(args, _validate_checks)
     check_directory(cfg.checkpoint.dir, cfg.checkpoint.storage_options)  # read-only: e.g. a file, not a directory
     print(f"OK: {_describe_job(cfg)}")
+    if warm_start is not None:  # what a fresh start would take (a rerun resumes checkpoint.dir instead)
+        print("\n".join([warm_start.summary(), *warm_start.lines()]))
     if args.show:
         print(dump_config(cfg), end="")
     return EXIT_OK

@@ -63,7 +63,12 @@ GROW = {"variables": ["dense/*", "dense_2/*"],  # 64-16-10 -> 64-16-16-10: the n
 def test_validate_accepts_a_tf1_checkpoint_into_a_bigger_model(tmp_path, tf1_small, capsys):
     code, out, err = cli(capsys, "validate", str(_job(tmp_path, {"checkpoint": tf1_small[0], **GROW})))
     assert code == EXIT_OK, err
-    assert out.startswith("OK: warm:")
+    lines = out.splitlines()
+    assert lines[0].startswith("OK: warm:")
+    prefix = tf1_small[0]
+    assert lines[1] == f"init_from {prefix}: 4 variable(s) taken, 2 initialised fresh; training starts at step 0"
+    assert f"init_from {prefix}: took dense_2/bias <- dense_1/bias [10]" in lines
+    assert f"init_from {prefix}: left fresh dense_1/kernel (not selected by init_from.variables)" in lines
 
 
 @pytest.mark.parametrize("change, key, needle, message", [

@@ -125,7 +125,9 @@ def check_optimizer(model: Any, config) -> None:
             taken.add(slot.name)
 
 
-def check_init_from(model: Any, config) -> None:
-    """Step 6: the warm start plan can be made (``WarmStartError`` at its key); nothing is assigned."""
+def check_init_from(model: Any, config) -> Any:
+    """Step 6: the warm start plan can be made (``WarmStartError`` at its key); returns it (None
+    without ``init_from``). Nothing is assigned."""
     if config.init_from is not None:
-        recipe.warm_start_plan(config, model.variables)
+        return recipe.warm_start_plan(config, model.variables)
+    return None
