@@ -12,10 +12,13 @@ chunks of steps. Each step, rank r
    to every peer and receives every other owner's parameters straight into its own
    variables' memory.
 
-Transport: ``SocketExchange``, a full mesh of TCP connections (loopback on one node, the
-node network across nodes), driven by one non-blocking ``selectors`` loop per phase, so
-sends and receives of a step overlap and nothing busy-waits (on 2 cores a spinning
-barrier starves the peer it waits for). Failure detection is the socket's: a peer that
+Transport: ``SocketExchange``, a full mesh of TCP connections (the node network across
+nodes), driven by one non-blocking ``selectors`` loop per phase, so sends and receives of
+a step overlap and nothing busy-waits. When every rank is on one node the bulk bytes go
+through shared memory instead (``_Shared``: peers read each other's gradients and
+parameters in place) and the mesh carries only two tiny messages per peer per step. Waiting
+is always a blocking ``select`` (on 2 cores a spinning barrier starves the peer it waits
+for). Failure detection is the socket's: a peer that
 dies closes its connections (EOF at once); a peer that hangs sends nothing and the
 phase times out after ``timeout`` seconds (the job's ``step_timeout_s``). Either way
 ``PeerFailedError`` names the peer, and the driver turns it into the usual

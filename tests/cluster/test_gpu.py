@@ -40,11 +40,11 @@ def test_one_gpu_worker_matches_cpu(tmp_path, run_coordinator):
 
 
 @pytest.mark.skipif(GPUS < 2, reason=f"NCCL needs >= 2 CUDA GPUs, one per rank ({GPUS} here: {WHY_NOT})")
-def test_nccl_collective_matches_object_store(tmp_path, run_coordinator):
+def test_nccl_exchange_matches_the_cpu_exchange(tmp_path, run_coordinator):
     config = make_config(str(tmp_path / "gpu"), workers=2, steps=8, save_every=4, hidden=(32,))
     expected = cpu_reference(tmp_path, run_coordinator, config)
     coordinator = run_coordinator(with_changes(config, device="gpu"))
-    assert coordinator.collective.name == "nccl"
+    assert coordinator.exchange == "nccl"
     coordinator.run()
     actual = worker_state(coordinator)
     for name, value in expected.items():
