@@ -10,8 +10,9 @@ The policy only decides; the coordinator acts (see ``Coordinator._emergency_chec
    * ``storage``: a full checkpoint, when the last saves' duration (``estimate_s``)
      plus the margin fits; also when there is no estimate yet (the first save), since
      the wait for it is bounded by the deadline anyway;
-   * ``memory``: a snapshot held in the memory of workers on nodes that stay, when the
-     job goes on without the preempted nodes (a drain of some nodes);
+   * ``memory``: a memory checkpoint (``peer_memory``) whose copies sit on nodes that stay,
+     when only some nodes are drained: the workers on them move elsewhere from those copies
+     and the job goes on (``Coordinator.evacuate``; no exit);
    * ``none``: nothing new; the latest committed checkpoint is the resume point and the
      steps since are recomputed on resume.
 """
