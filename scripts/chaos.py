@@ -18,8 +18,9 @@ train`` in a subprocess joined to that cluster (M=2). One fault at a time:
                     save commits.
 
 A fault is injected only after a checkpoint committed since the previous recovery, so
-the job always progresses. Recovery time is measured from the injection to the first
-completed step after the restore (the driver's ``recovered in`` line, or the first step
+the job always progresses, and once the job's spare workers are up again (the
+coordinator's ``spare worker up`` lines): each fault meets the job in its steady state.
+Recovery time is measured from the injection to the first completed step after the restore (the driver's ``recovered in`` line, or the first step
 line of a relaunched driver). Each recovery is broken down by kind of fault: detect
 (injection to the driver's ``failure #`` line), then the runtime's own replace, restore
 and first-step times, the steps lost and the tier restored from (parsed from the
@@ -64,6 +65,7 @@ FAULT_KINDS = ("kill_worker", "remove_node", "sigterm_driver", "fail_shard_write
 WORKER_PROCESS_TITLE = b"ray::WorkerActor"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+)\b")
 RECOVERED_LINE = re.compile(r"recovered in ")
+SPARE_UP_LINE = re.compile(r"\bspare worker up: pid \d+")
 WORKERS_LINE = re.compile(r"\bworkers: ((?:\d+=\d+@\w+,?)+)")  # the coordinator's rank=pid@node line
 FAILURE_LINE = re.compile(r"failure #\d+: ")
 BREAKDOWN = re.compile(r"recovered in [\d.]+ s from (?P<tier>[\w ]+) \(detect (?P<detect>[\d.]+) s, "
@@ -342,6 +344,16 @@ class Driver:
                     return {int(item.split("=")[1].split("@")[0]) for item in match.group(1).split(",")}
         return set()
 
+    def spares_up(self) -> int:
+        """Spare workers that came up since the coordinator's latest ``workers:`` line."""
+        with self._lock:
+            count = 0
+            for _, _, line in reversed(self.lines):
+                if WORKERS_LINE.search(line):
+                    return count
+                count += bool(SPARE_UP_LINE.search(line))
+        return 0
+
     def last_step(self) -> int:
         with self._lock:
             for _, _, line in reversed(self.lines):
@@ -581,7 +593,7 @@ def _read_breakdown(record: FaultRecord, driver: Driver, injected: float) -> Non
 
 def chaos_run(cluster: ChaosCluster, config: Path, ckpt: CheckpointDir, log: Path, faults: int,
               save_every: int, steps: int, rng: random.Random,
-              timeout: float) -> list[FaultRecord]:
+              timeout: float, spares: int = 0) -> list[FaultRecord]:
     driver = Driver(config, log)
     driver.start()
     injector = Injector(cluster, driver, ckpt, save_every, rng)
@@ -590,6 +602,8 @@ def chaos_run(cluster: ChaosCluster, config: Path, ckpt: CheckpointDir, log: Pat
     for kind in kinds:
         if not _await_next_commit(driver, ckpt, timeout):
             break
+        wait_until(lambda: driver.spares_up() >= spares or not driver.running(), timeout,
+                   "the job's spare workers to be up", poll=0.1)  # steady state: the spares replaced
         if driver.last_step() >= steps - 3 * save_every:
             break  # too close to the end to see a recovery (or a blocked save) happen
         time.sleep(rng.uniform(0.0, 0.3))
@@ -690,7 +704,7 @@ def run_chaos(faults: int, steps: int, save_every: int, seed: int, work: Path,
         cfg = write_config(work / "chaos.yaml", "chaos", work, cluster.address, steps,
                            save_every, seed, store, spares, memory_every)
         records = chaos_run(cluster, cfg, chaos, work / "chaos.log", faults, save_every,
-                            steps, rng, timeout)
+                            steps, rng, timeout, spares)
         ref, got = reference.final_prefix(), chaos.final_prefix()
         mismatches = (compare_checkpoints(ref, got, store.options()) if ref and got
                       else ["<no final checkpoint>"])

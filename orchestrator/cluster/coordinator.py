@@ -191,6 +191,7 @@ class Coordinator:
         self.workers_replaced = 0             # by the last heal
         self._dataset_ref: Any = None
         self.spares: list[Any] = []  # fault_tolerance.spare_workers, idle until a worker is lost
+        self._spares_starting: list[tuple[Any, Any]] = []  # (spare, its pending alive() ref)
         at_max = self.num_workers >= int(config.workers.max)  # below max, free room is for growing
         self.spare_count = int(config.fault_tolerance.spare_workers) if at_max else 0
         self.save_policy = SavePolicy(config.checkpoint.save_every_steps, config.checkpoint.save_every_secs)
@@ -256,8 +257,24 @@ class Coordinator:
         missing = self.spare_count - len(self.spares)
         if missing > 0:
             actor_cls, options = self.worker_factory(), self._actor_options()
-            self.spares += [actor_cls.options(**options).remote(self.config, 0, self.num_workers, self._dataset_ref)
-                            for _ in range(missing)]
+            fresh = [actor_cls.options(**options).remote(self.config, 0, self.num_workers, self._dataset_ref)
+                     for _ in range(missing)]
+            self.spares += fresh
+            self._spares_starting += [(spare, spare.alive.remote()) for spare in fresh]
+
+    def _poll_spares(self) -> None:
+        """Log each spare once it is up (never blocks)."""
+        if not self._spares_starting:
+            return
+        ready, _ = ray.wait([ref for _, ref in self._spares_starting], num_returns=len(self._spares_starting),
+                            timeout=0, fetch_local=False)
+        done = {ref.hex() for ref in ready}
+        for spare, ref in [p for p in self._spares_starting if p[1].hex() in done]:
+            try:
+                log.info("spare worker up: pid %d", ray.get(ref, timeout=CONTROL_TIMEOUT_S))
+            except ray.exceptions.RayError as exc:
+                log.warning("a spare worker did not start: %s", exc)
+        self._spares_starting = [p for p in self._spares_starting if p[1].hex() not in done]
 
     def _usable_spares(self) -> list[Any]:
         """The spares, those up first, then those still starting (ahead of a fresh actor all the
@@ -277,7 +294,7 @@ class Coordinator:
                 up.append(spare)
             except ray.exceptions.RayError:
                 ray.kill(spare, no_restart=True)
-        self.spares = []
+        self.spares, self._spares_starting = [], []
         return up + starting
 
     def _connect_workers(self, timeout: float) -> None:
@@ -401,6 +418,7 @@ class Coordinator:
             self._report_step()
         self.poll_save()
         self.peers.poll()
+        self._poll_spares()
         if self.eval_policy.due(self.global_step):
             self.evaluate()
         reason = self.save_policy.reason(self.global_step, self.clock() - self._last_save_time)
