@@ -436,6 +436,7 @@ class Coordinator:
         at most ``checkpoint.memory_every_steps`` steps."""
         step = self.global_step
         if not saved:
+            self.peers.wait(self.step_timeout)  # the previous one complete first (peer_memory._Slots.put)
             self._get_all([w.memory_snapshot.remote(step) for w in self.workers], self.step_timeout,
                           "taking a memory checkpoint")
             self.peers.replicate(step, self.workers, self.worker_node_ids)
@@ -652,6 +653,7 @@ class Coordinator:
     def save(self, synchronous: bool) -> SaveRecord:
         """Start a save of the current step on every worker; commit now if ``synchronous``."""
         self.finish_save()  # at most one save in flight
+        self.peers.wait(self.step_timeout)  # its snapshot is the next memory checkpoint: the previous one first
         step, started = self.global_step, self.clock()
         record = SaveRecord(step, self.manager.prefix_for(step), not synchronous, stall_s=0.0)
         self.saves.append(record)

@@ -101,7 +101,12 @@ class _Slots:
         self.pending: MemoryShard | None = None
 
     def put(self, shard: MemoryShard) -> None:
-        self.pending = shard  # a newer pending shard replaces one that never completed
+        """The coordinator starts a memory checkpoint only once the previous one is complete
+        (``PeerTier.wait`` first), so a newer shard arriving makes the pending one complete."""
+        pending = self.pending
+        if pending is not None and pending.step < shard.step:
+            self.complete = pending
+        self.pending = shard
 
     def complete_at(self, step: int) -> None:
         if self.pending is not None and self.pending.step == step:
