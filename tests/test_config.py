@@ -88,7 +88,7 @@ CASES = [
      "model.layers: kind sequential needs layers"),
     ("transformer-layers-as-list", GOOD.replace("  hidden: [32, 32]", "  kind: transformer\n  layers: [2]  #<"), [],
      "model.layers: kind transformer takes the number of blocks (an integer), got list [2]"),
-    ("key-of-another-kind", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]\n  heads: 4  #<"), [],
+    ("key-of-another-kind", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]\n  heads: 8  #<"), [],
      "model.heads: applies to kind transformer only (kind is mlp)"),
     ("mnist-without-path", GOOD + "data:\n  dataset: mnist  #<\n", [], "data.path: dataset mnist needs data.path"),
     ("max-failures-below-minus-one", GOOD + "fault_tolerance:\n  max_failures: -2  #<\n", [],
