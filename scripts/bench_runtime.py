@@ -11,7 +11,9 @@
 (e) the transport alone, M=2, the bytes one step of that MLP moves (each rank's gradients for the other
     owner, then each owner's parameters), no compute: a Ray Compiled Graph (``ray.dag``, shared-memory
     channels, one ``execute`` per step from the driver) vs the workers' own exchange running K steps per
-    call (shared memory on one node; TCP, as between nodes).
+    call (shared memory on one node; TCP, as between nodes);
+(f) the machine's ceiling for (c): one process doing the whole batch vs two independent processes (no Ray, no
+    exchange) each doing half with ``engine.step.TrainStep``, one BLAS thread each: no M=2 can beat that ratio.
 
     python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
 
@@ -351,6 +353,51 @@ def bench_transport(steps: int) -> None:
         print(f"    {label}: {seconds * 1e3:.2f} ms/step")
 
 
+# ------------------------------------------------------------------------------ (f)
+def _independent_steps(rank: int, world: int, steps: int, results) -> None:
+    from orchestrator.engine.backend import get_backend
+    from orchestrator.engine.data import Sampler
+    from orchestrator.engine.models import ModelSpec, build_model
+    from orchestrator.engine.optimizers import make_optimizer
+    from orchestrator.engine.step import LocalExchange, TrainStep
+
+    model = build_model(ModelSpec(input_dim=784, hidden=[625, 625], num_classes=10, keep_prob_input=1.0,
+                                  keep_prob_hidden=1.0), get_backend("cpu"), 0)
+    optimizer = make_optimizer("sgd", 1e-3)
+    rng = np.random.default_rng(rank)
+    x, y = rng.random((512, 784), dtype=np.float32), rng.integers(0, 10, 512)
+    step = TrainStep(model, optimizer, Sampler(512, 128, 0), x, y, seed=0, global_batch_size=128,
+                     owned=[v.name for v in model.variables],
+                     slots={v.name: optimizer.create_slots(v) for v in model.variables}, rank=rank, world=world)
+    exchange = LocalExchange()
+    for i in range(WARMUP_STEPS):
+        step(i, exchange)
+    begin = time.perf_counter()
+    for i in range(steps):
+        step(i, exchange)
+    results.put((time.perf_counter() - begin) / steps)
+
+
+def bench_ceiling(steps: int) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # BLAS_THREAD_VARIABLES are set: one thread each
+
+    def seconds(world: int) -> float:
+        results = context.Queue()
+        procs = [context.Process(target=_independent_steps, args=(r, world, steps, results)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        times = [results.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join(60)
+        return max(times)
+
+    one, two = seconds(1), seconds(2)
+    print(f"(f) the machine's ceiling: one process, batch 128: {one * 1e3:.2f} ms/step; two independent processes, "
+          f"batch 64 each: {two * 1e3:.2f} ms/step; no M=2 can exceed {one / two:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-mb", type=float, default=200.0, help="parameter bytes of the wide MLP (a, b)")
@@ -360,7 +407,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="saves per M in (b)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per M in (c)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure")
-    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], nargs="+", default=["a", "b", "c", "d", "e"])
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e", "f"], nargs="+",
+                        default=["a", "b", "c", "d", "e", "f"])
     parser.add_argument("--ddp-workers", type=int, default=2, help="M of the side by side (d); must be in --workers")
     args = parser.parse_args()
     for name in BLAS_THREAD_VARIABLES:  # one BLAS thread per worker: Ray's workers inherit these
@@ -379,6 +427,8 @@ def main() -> None:
             bench_ddp(root, args.ddp_workers, args.steps, next(s for s in splits if s.workers == args.ddp_workers))
         if "e" in args.only:
             bench_transport(args.steps)
+        if "f" in args.only:
+            bench_ceiling(args.steps)
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
