@@ -31,5 +31,17 @@ class BadInputError(OrchestratorError):
     """The input is wrong (config, data, path, checkpoint contents): exit code 2, no retry."""
 
 
+class KeyedError(OrchestratorError):
+    """An error that names the config key at fault (``model.factory``, ``data.labels``), so the
+    CLI can point at that key's file:line; ``key`` is None when no single key is to blame."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.key))
+
+
 class InvalidArgumentError(BadInputError, ValueError, TypeError):
     """A Python API argument is out of range or of the wrong kind (a ``ValueError``/``TypeError`` too)."""

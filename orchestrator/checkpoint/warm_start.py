@@ -29,20 +29,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orchestrator.checkpoint.errors import CheckpointError
-from orchestrator.errors import BadInputError
+from orchestrator.errors import BadInputError, KeyedError
 
 _WILDCARDS = set("*?[")
 
 
-class WarmStartError(CheckpointError, BadInputError, ValueError):
+class WarmStartError(CheckpointError, KeyedError, BadInputError, ValueError):
     """``init_from`` cannot be applied to this model; ``key`` is the config key at fault."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.key))
 
 
 @dataclass(frozen=True)

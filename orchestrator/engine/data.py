@@ -35,7 +35,7 @@ import numpy as np
 
 from orchestrator import rules
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.errors import BadInputError, InvalidArgumentError
+from orchestrator.errors import BadInputError, InvalidArgumentError, KeyedError
 
 DATASETS = ("digits", "mnist", "synthetic", "chars")
 MNIST_FILES = {
@@ -53,16 +53,9 @@ DATASET_OPTIONS = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(BadInputError, ValueError):
+class DatasetError(KeyedError, BadInputError, ValueError):
     """A dataset cannot be loaded; the message names the file or option at fault, ``key``
     the config key to change (``data.labels``), when there is one."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.key))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from orchestrator.checkpoint.variables import Variable
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import KeyedError
 
 REQUIRED_METHODS = ("loss_and_grads", "evaluate")
 
@@ -52,16 +52,9 @@ class TrainableModel(Protocol):
         ...
 
 
-class PluginError(OrchestratorError, ValueError):
+class PluginError(KeyedError, ValueError):
     """A plug-in (model, data or optimizer factory) breaks the protocol; ``key`` is the
     config key that names it (``model.factory``), so the CLI can point at the line."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.key))
 
 
 class GradientError(PluginError):
