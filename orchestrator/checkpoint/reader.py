@@ -265,7 +265,7 @@ class CheckpointReader:
         if checksum != crc.unmask(entry.crc32c):
             raise CRCMismatchError(f"{self._data_path(entry)}: tensor {entry.name!r}: checksum mismatch "
                                    f"({entry.size} bytes at offset {entry.offset})")
-        return buf.view(self._numpy_dtype(entry)).reshape(entry.shape)
+        return _shaped(buf.view(self._numpy_dtype(entry)), entry, f"{self._data_path(entry)}: tensor {entry.name!r}")
 
     def _stored_pieces(self, entry: TensorEntry) -> list[TensorEntry]:
         """The entries whose bytes make up the tensor, each checked to lie in its file."""
@@ -473,11 +473,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_helper_after_fork)
 
 
+def _shaped(array: np.ndarray, entry: TensorEntry, where: str) -> np.ndarray:
+    """``array`` in the entry's shape; a forged shape numpy cannot even describe (an empty tensor with
+    dimensions whose product overflows) is a corrupt index, not a raw ValueError."""
+    try:
+        return array.reshape(entry.shape)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: shape {list(entry.shape)} cannot hold the stored data ({exc})") from None
+
+
 def _decode_strings(buf: np.ndarray, entry: TensorEntry, where: str) -> np.ndarray:
     """DT_STRING layout: varint lengths, masked length CRC, then the bytes (reference 5.2)."""
     out = np.empty(entry.num_elements, dtype=object)
     if entry.size == 0:
-        return out.reshape(entry.shape)
+        return _shaped(out, entry, where)
     data = buf.tobytes()
     lengths, pos = _string_lengths(data, entry.num_elements, where)
     running = 0
@@ -493,7 +502,7 @@ def _decode_strings(buf: np.ndarray, entry: TensorEntry, where: str) -> np.ndarr
     for i, n in enumerate(lengths):
         out[i] = data[pos:pos + n]
         pos += n
-    return out.reshape(entry.shape)
+    return _shaped(out, entry, where)
 
 
 def _decode_variants(buf: np.ndarray, entry: TensorEntry, where: str) -> np.ndarray:
@@ -521,7 +530,7 @@ def _decode_variants(buf: np.ndarray, entry: TensorEntry, where: str) -> np.ndar
         pos += n + 4
     if pos != len(data) or crc.mask(running) != entry.crc32c:
         raise CRCMismatchError(f"{where}: checksum mismatch ({entry.size} bytes at offset {entry.offset})")
-    return out.reshape(entry.shape)
+    return _shaped(out, entry, where)
 
 
 def _string_lengths(data: bytes, count: int, where: str) -> tuple[list[int], int]:
