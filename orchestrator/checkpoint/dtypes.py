@@ -7,7 +7,8 @@ Every POD dtype is stored as its little-endian memory image (reference 4.4, 5.1)
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 
 from orchestrator.checkpoint.errors import UnsupportedDtypeError
@@ -49,7 +50,6 @@ _TO_NUMPY: dict[int, np.dtype] = {
     DT_COMPLEX64: np.dtype("<c8"),
     DT_INT64: np.dtype("<i8"),
     DT_BOOL: np.dtype("?"),
-    DT_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     DT_UINT16: np.dtype("<u2"),
     DT_COMPLEX128: np.dtype("<c16"),
     DT_HALF: np.dtype("<f2"),
@@ -66,6 +66,9 @@ _QUANTIZED: dict[int, np.dtype] = {
 }
 _READABLE = {**_TO_NUMPY, **_QUANTIZED}
 _FROM_NUMPY = {dtype: enum for enum, dtype in _TO_NUMPY.items()}
+# bfloat16 is the one type numpy lacks; it sits outside the tables above so that ml_dtypes
+# is imported only when a bfloat16 tensor is met (see bfloat16()).
+_POD = frozenset(_READABLE) | {DT_BFLOAT16}
 
 # Dtypes TF can reassemble from slices (reference 6.3); slicing others makes TF fail.
 SLICEABLE = frozenset({
@@ -74,9 +77,23 @@ SLICEABLE = frozenset({
 })
 
 _NAMES = {
-    DT_STRING: "string", DT_VARIANT: "variant", DT_RESOURCE: "resource",
+    DT_STRING: "string", DT_VARIANT: "variant", DT_BFLOAT16: "bfloat16", DT_RESOURCE: "resource",
     DT_QINT8: "qint8", DT_QUINT8: "quint8", DT_QINT32: "qint32", DT_QINT16: "qint16", DT_QUINT16: "quint16",
 }
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """``ml_dtypes.bfloat16``, imported on first use.
+
+    The import takes about half a second (its C extension registers every type with numpy),
+    which every worker process and every CLI start would otherwise pay for a type most jobs
+    never hold. A caller that already has a bfloat16 array has imported ml_dtypes, so the
+    lookup is then free.
+    """
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def is_string(enum: int) -> bool:
@@ -84,13 +101,15 @@ def is_string(enum: int) -> bool:
 
 
 def is_pod(enum: int) -> bool:
-    return enum in _READABLE
+    return enum in _POD
 
 
 def to_numpy(enum: int, what: str = "tensor") -> np.dtype:
     """The numpy dtype a tensor of TF type ``enum`` reads as (object for strings)."""
     if enum == DT_STRING:
         return OBJECT
+    if enum == DT_BFLOAT16:
+        return bfloat16()
     try:
         return _READABLE[enum]
     except KeyError:
@@ -108,6 +127,8 @@ def from_numpy(dtype, what: str = "tensor") -> int:
     if dtype.kind in "OSU":
         return DT_STRING
     enum = _FROM_NUMPY.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if enum is None and dtype.name == "bfloat16" and dtype == bfloat16():
+        enum = DT_BFLOAT16
     if enum is None:
         raise UnsupportedDtypeError(f"{what}: numpy dtype {dtype} has no TensorFlow checkpoint equivalent")
     return enum

@@ -21,9 +21,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 
+from orchestrator.checkpoint.dtypes import bfloat16
 from orchestrator.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
 from orchestrator.checkpoint.storage import Storage
 from orchestrator.checkpoint.structure import STRUCTURE_KEY
@@ -33,18 +33,26 @@ METADATA_STRUCTURE = "structure"  # __metadata__ key holding the structure recor
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 _ALIGN = 8
 _CODES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
 _NAMES = {dtype.newbyteorder("="): code for code, dtype in _CODES.items()}
+_BF16 = "BF16"  # outside the tables: ml_dtypes is imported only when a bfloat16 tensor is met
+
+
+def _code_dtype(code: Any) -> np.dtype | None:
+    return bfloat16() if code == _BF16 else _CODES.get(code)
 
 
 # ---------------------------------------------------------------------------- writing
 def dtype_code(dtype: Any) -> str | None:
     """The safetensors dtype code of a numpy dtype, or None when it has none (strings, complex)."""
-    return _NAMES.get(np.dtype(dtype).newbyteorder("="))
+    dtype = np.dtype(dtype).newbyteorder("=")
+    if dtype.name == "bfloat16" and dtype == bfloat16():
+        return _BF16
+    return _NAMES.get(dtype)
 
 
 def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
@@ -200,13 +208,13 @@ def _entries(header: dict, path: str, data_size: int) -> dict[str, SafetensorsEn
 def _entry(name: str, info: Any, where: str) -> SafetensorsEntry:
     if name == STRUCTURE_KEY:
         raise CorruptCheckpointError(f"{where}: name reserved for the structure record")
-    if not isinstance(info, dict) or info.get("dtype") not in _CODES:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or _code_dtype(info["dtype"]) is None:
         dtype = info.get("dtype") if isinstance(info, dict) else None
         raise CorruptCheckpointError(f"{where}: unknown or missing dtype {dtype!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CorruptCheckpointError(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}")
-    dtype = _CODES[info["dtype"]]
+    dtype = _code_dtype(info["dtype"])
     if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
         raise CorruptCheckpointError(f"{where}: {info['dtype']}{shape} needs {math.prod(shape) * dtype.itemsize} "
                                      f"bytes but data_offsets span {offsets[1] - offsets[0]}")
@@ -220,7 +228,7 @@ def _ints(value: Any) -> bool:
 def _numpy_dtype(entry: SafetensorsEntry) -> np.dtype:
     if entry.name == STRUCTURE_KEY:
         return np.dtype(object)
-    return np.dtype(ml_dtypes.bfloat16) if entry.dtype_name == "bfloat16" else np.dtype(entry.dtype_name)
+    return bfloat16() if entry.dtype_name == "bfloat16" else np.dtype(entry.dtype_name)
 
 
 def _array(entry: SafetensorsEntry, raw: bytes, path: str) -> np.ndarray:
