@@ -174,10 +174,10 @@ class TrainWorker(PeerMemoryWorker):
         On any error the exchange is closed, so the peers fail at once instead of waiting
         out the step timeout.
         """
-        self._check_step(step)
         began, exchanged = time.perf_counter(), self.exchange.seconds
         results = []
         try:
+            self._check_step(step)  # inside: a rank at the wrong step must not leave its peers waiting
             for current in range(step, step + count):
                 metrics = self.step(current, self.exchange)
                 self.global_step = current + 1
