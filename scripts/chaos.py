@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Faults are paced by commits and recoveries (wall time), so a fast machine trains more steps between
     # two faults: leave room for every fault to land before the last 3 saves, where none is injected.
-    steps = args.steps or args.save_every * (12 * args.faults + 6)
+    steps = args.steps or args.save_every * (16 * args.faults + 6)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     result = run_chaos(args.faults, steps, args.save_every, args.seed, work, args.timeout,
