@@ -136,15 +136,27 @@ def test_good_config_validates(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
 
 
+def _validate_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """``orchestrator validate`` through ``cli.main`` in this process: the same code as the
+    subprocess runs (test_good_config_validates and the train cases below run that), without
+    half a second of interpreter start-up per case of the table."""
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(cwd)
+    code = main(["validate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("case_id, text, overrides, expected", CASES, ids=[c[0] for c in CASES])
-def test_malformed_config_gives_one_located_error(tmp_path, case_id, text, overrides, expected):
+def test_malformed_config_gives_one_located_error(tmp_path, capsys, monkeypatch, case_id, text, overrides, expected):
     path, line = _write_case(tmp_path, text)
     sets = [a for o in overrides for a in ("--set", o)]
-    proc = _run_cli("validate", str(path), *sets, cwd=tmp_path)
-    assert proc.returncode == EXIT_BAD_INPUT
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
+    code, out, err = _validate_in_process(capsys, monkeypatch, tmp_path, str(path), *sets)
+    assert code == EXIT_BAD_INPUT
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
     assert expected in lines[0]
     where = f"{path}:{line}:" if line else ("--set " if overrides else str(path))
     assert lines[0].startswith(f"error: {where}"), lines[0]
