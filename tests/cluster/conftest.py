@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -75,3 +78,28 @@ def run_coordinator(ray_session):
     yield start
     for coordinator in started:
         coordinator.shutdown()
+
+
+def stop_then_resume_with_a_sigkill(config, stop_at: int, kill_at: int):
+    """Run ``config`` until ``stop_at`` (a clean stop), then resume it with the last worker SIGKILLed at ``kill_at``.
+
+    The stop uses one-step chunks so the driver sees every step and stops exactly at ``stop_at``; the
+    resumed run is a Supervisor (which replaces the killed worker). Returns (recorder, resumed result):
+    the recorder holds every step reported by the resumed run.
+    """
+    from orchestrator.cluster.coordinator import Coordinator
+    from orchestrator.cluster.supervisor import Supervisor
+
+    from .test_supervisor import Recorder, worker_pids
+
+    stopped = Coordinator(config, max_chunk_steps=1)
+    try:
+        stopped.start()
+        assert stopped.run(stop_requested=lambda: stopped.global_step >= stop_at).preempted
+    finally:
+        stopped.shutdown()
+
+    recorder = Recorder()
+    supervisor = Supervisor(config, recorder)
+    recorder.actions = {kill_at: lambda: os.kill(worker_pids(supervisor)[-1], signal.SIGKILL)}
+    return recorder, supervisor.run()

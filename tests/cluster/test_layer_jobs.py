@@ -8,18 +8,16 @@ reference bit for bit, and its variables carry the Keras names.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster.coordinator import Coordinator
 from orchestrator.cluster.supervisor import Supervisor
 from orchestrator.config import load_config
 
-from .test_supervisor import Recorder, read_all, restarts, worker_pids
+from .conftest import stop_then_resume_with_a_sigkill
+from .test_supervisor import Recorder, read_all, restarts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STEPS, SAVE_EVERY, STOP_AT, KILL_AT = 12, 4, 5, 9
@@ -53,17 +51,7 @@ def test_layer_model_job_resumes_and_survives_a_sigkill_bit_identical(name, tmp_
     assert f"{sorted(NAMES[name])[0]}/Adam" in reference               # the optimizer's slots, Keras-named too
 
     config = _config(name, tmp_path / "interrupted")
-    stopped = Coordinator(config, max_chunk_steps=1)  # the driver sees every step: stop exactly at STOP_AT
-    try:
-        stopped.start()
-        assert stopped.run(stop_requested=lambda: stopped.global_step >= STOP_AT).preempted
-    finally:
-        stopped.shutdown()
-
-    recorder = Recorder()
-    supervisor = Supervisor(config, recorder)
-    recorder.actions = {KILL_AT: lambda: os.kill(worker_pids(supervisor)[-1], signal.SIGKILL)}
-    resumed = supervisor.run()
+    recorder, resumed = stop_then_resume_with_a_sigkill(config, STOP_AT, KILL_AT)
     assert recorder.steps[0] == STOP_AT + 1                                # resumed from the stop
     (killed, again), = restarts(recorder.steps)  # killed when KILL_AT was reported, after its chunk of steps ran
     assert killed >= KILL_AT and again == SAVE_EVERY * (KILL_AT // SAVE_EVERY) + 1  # back to the save

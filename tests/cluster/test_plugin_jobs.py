@@ -9,19 +9,16 @@ One case runs by default; the rest of the matrix is ``slow``.
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 
 from orchestrator.checkpoint.reader import CheckpointReader
-from orchestrator.cluster.coordinator import Coordinator
 from orchestrator.cluster.supervisor import Supervisor
 from orchestrator.config import load_config
 from tests.plugin_fixtures import data_yaml, write_data, write_job, write_plugin
 
-from .test_supervisor import Recorder, read_all, restarts, worker_pids
+from .conftest import stop_then_resume_with_a_sigkill
+from .test_supervisor import Recorder, read_all, restarts
 
 STEPS, SAVE_EVERY, STOP_AT, KILL_AT = 20, 5, 8, 13
 # parquet and S3 in the default run: test_plugin_multinode (parquet data and checkpoints on S3, M=2)
@@ -65,17 +62,7 @@ def test_plugin_trains_checkpoints_resumes_and_recovers_bit_identical(plugin_job
     _tensorflow_reads(result.last_checkpoint)
 
     config = plugin_job("interrupted")
-    stopped = Coordinator(config, max_chunk_steps=1)  # the driver sees every step: stop exactly at STOP_AT
-    try:
-        stopped.start()
-        assert stopped.run(stop_requested=lambda: stopped.global_step >= STOP_AT).preempted
-    finally:
-        stopped.shutdown()
-
-    recorder = Recorder()
-    supervisor = Supervisor(config, recorder)
-    recorder.actions = {KILL_AT: lambda: os.kill(worker_pids(supervisor)[-1], signal.SIGKILL)}
-    resumed = supervisor.run()
+    recorder, resumed = stop_then_resume_with_a_sigkill(config, STOP_AT, KILL_AT)
     assert recorder.steps[0] == STOP_AT + 1                      # resumed from the stop
     # SIGKILL when step 13 is reported: back to the step-10 save (the steps of the chunk that held 13 had
     # already run, so the last step reported before the restart is 13 or a later one of that chunk)
