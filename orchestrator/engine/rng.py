@@ -89,37 +89,41 @@ def random_bits(seed: int, step: int, layer: int, example_offset: int,
 
 
 def _philox_full(counter, key, shape) -> tuple[np.ndarray, ...]:
-    """``philox4x32`` for a counter that broadcasts to ``shape``: the four words as uint32.
+    """``philox4x32`` for a counter that broadcasts to ``shape``: the four words as uint32 arrays (views).
 
     The first 2 rounds run on the broadcast operands (cheap: rows or columns), the
-    rest on full arrays with 4 ufunc passes per round instead of 10: each 32 x 32 -> 64-bit
-    product lands in a uint64 buffer whose two uint32 halves are read as strided views
-    (hi and lo, no shift or mask), and products alternate between two buffers so the lo
-    halves carried into the next round are not overwritten while still needed.
+    rest on full arrays, both multiply lanes at once: ``C`` = [c0; c2] lives in the low
+    halves of a uint64 buffer whose high halves stay zero, so one uint64 multiply by
+    [M0; M1] (no cast) gives both 64-bit products; their uint32 hi/lo halves are read as
+    strided views (no shift or mask), and c0 = hi1 ^ c1 ^ k0, c2 = hi0 ^ c3 ^ k1 is two
+    xors over both lanes (the hi halves taken in reverse lane order). 3 ufunc passes per
+    round; products alternate between two buffers so the lo halves carried into the next
+    round (c1, c3) are not overwritten while still needed.
     """
     k0, k1 = key
     c0, c1, c2, c3 = philox4x32(counter, key, rounds=_BROADCAST_ROUNDS)
     for _ in range(_BROADCAST_ROUNDS):
         k0 = (k0 + PHILOX_W0) & 0xFFFFFFFF
         k1 = (k1 + PHILOX_W1) & 0xFFFFFFFF
-    c0, c2 = (np.array(np.broadcast_to(c, shape), dtype=np.uint32) for c in (c0, c2))
-    c1, c3 = (np.broadcast_to(c.astype(np.uint32), shape) for c in (c1, c3))
-    buffers = [(np.empty(shape, np.uint64), np.empty(shape, np.uint64)) for _ in range(2)]
-    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    lanes = (2, *shape)
+    column = (2, *([1] * len(shape)))
+    c = np.zeros(lanes, np.uint64)                     # [c0; c2], values < 2**32
+    c[0], c[1] = np.broadcast_to(c0, shape), np.broadcast_to(c2, shape)
+    c_low = _halves(c)[0]                              # where the xors write (high halves stay 0)
+    d = np.empty(lanes, np.uint32)                     # [c1; c3]
+    d[0], d[1] = np.broadcast_to(c1, shape), np.broadcast_to(c3, shape)
+    multipliers = np.array([PHILOX_M0, PHILOX_M1], np.uint64).reshape(column)
+    products = (np.empty(lanes, np.uint64), np.empty(lanes, np.uint64))
     for index in range(PHILOX_ROUNDS - _BROADCAST_ROUNDS):
-        product0, product1 = buffers[index % 2]
-        np.multiply(c0, m0, out=product0)
-        np.multiply(c2, m1, out=product1)
-        lo0, hi0 = _halves(product0)
-        lo1, hi1 = _halves(product1)
-        np.bitwise_xor(hi1, c1, out=c0)                       # c0 = hi1 ^ c1 ^ k0
-        c0 ^= np.uint32(k0)
-        np.bitwise_xor(hi0, c3, out=c2)                       # c2 = hi0 ^ c3 ^ k1
-        c2 ^= np.uint32(k1)
-        c1, c3 = lo1, lo0
+        product = products[index % 2]
+        np.multiply(c, multipliers, out=product)       # [c0 * M0; c2 * M1]
+        low, high = _halves(product)
+        np.bitwise_xor(high[::-1], d, out=c_low)       # [hi1 ^ c1; hi0 ^ c3]
+        np.bitwise_xor(c_low, np.array([k0, k1], np.uint32).reshape(column), out=c_low)
+        d = low[::-1]                                  # [lo1; lo0]: the new c1, c3
         k0 = (k0 + PHILOX_W0) & 0xFFFFFFFF
         k1 = (k1 + PHILOX_W1) & 0xFFFFFFFF
-    return c0, c1, c2, c3
+    return c_low[0], d[0], c_low[1], d[1]
 
 
 _BROADCAST_ROUNDS = 2      # after 2 rounds every word depends on both the unit and the example
