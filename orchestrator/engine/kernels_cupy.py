@@ -252,3 +252,14 @@ def adam_update(var: cp.ndarray, m: cp.ndarray, v: cp.ndarray, grad: cp.ndarray,
                 lr_t: float, beta1: float, beta2: float, epsilon: float) -> None:
     t = var.dtype.type
     _adam_kernel(grad, t(lr_t), t(1) - t(beta1), t(1) - t(beta2), t(epsilon), var, m, v)
+
+
+def set_threads(count: int) -> None:
+    """The numpy kernels' host-thread count (``kernels_numpy.set_threads``); on the GPU a no-op."""
+    if int(count) < 1:
+        raise InvalidArgumentError(f"threads must be >= 1, got {count}")
+
+
+def batched_matmul(a, b, out=None):
+    """``cp.matmul`` over stacks of matrices (the numpy kernels share the batch among host threads)."""
+    return cp.matmul(a, b, out=out)

@@ -7,11 +7,24 @@ array's dtype so float32 math stays float32.
 
 Activations: "relu", "tanh", and "gelu" in its tanh form
 (0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), as ``tf.nn.gelu(approximate=True)``).
+
+Speed on a CPU (issue 13). numpy runs one pass per ufunc over the whole array, so a formula
+of a dozen passes over a multi-MiB activation streams it from memory a dozen times. The
+multi-pass kernels here (activations and their gradients, layer normalization, the attention
+softmax, dropout masks, optimizer updates) instead run every pass on one block of about
+``CHUNK`` elements (whole rows where a row is reduced) before the next block, so the passes
+read cache. And with ``set_threads(n)``, n > 1, the blocks of a large array are shared
+between the calling thread and n - 1 pool threads (numpy releases the GIL inside a ufunc
+loop), the way BLAS shares a GEMM. Neither changes a bit of any result: the math is
+elementwise, or reduces along a row that is never split, so the result of each element is
+computed by the same operations in the same order whatever the blocks and threads.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,14 +34,102 @@ from orchestrator.errors import InvalidArgumentError
 ACTIVATIONS = ("relu", "gelu", "tanh")
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
+CHUNK = 32768               # elements per block: a few arrays of it stay in a core's L2
+PHILOX_CHUNK = 8 * CHUNK    # dropout units per block: Philox makes ~50 ufunc calls per block
+PARALLEL_MIN = 2 * CHUNK    # arrays smaller than this are not worth a hand-off to another thread
+
+
+# --------------------------------------------------------------------------- blocks and threads
+class _Threads:
+    """How many threads the blocked kernels use, and the pool behind the extra ones."""
+
+    def __init__(self) -> None:
+        self.count = 1
+        self.pool: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
+
+
+_THREADS = _Threads()
+
+
+def set_threads(count: int) -> None:
+    """Use ``count`` threads (the caller's plus count - 1 pool threads) for large elementwise work.
+
+    Results do not depend on it (see the module docstring). 1, the default, keeps every kernel
+    in the calling thread; a job sets it to the cores it was given, as it sets its BLAS threads.
+    """
+    count = int(count)
+    if count < 1:
+        raise InvalidArgumentError(f"threads must be >= 1, got {count}")
+    with _THREADS.lock:
+        if count != _THREADS.count and _THREADS.pool is not None:
+            _THREADS.pool.shutdown(wait=True)
+            _THREADS.pool = None
+        _THREADS.count = count
+        if count > 1 and _THREADS.pool is None:
+            _THREADS.pool = ThreadPoolExecutor(max_workers=count - 1, thread_name_prefix="orchestrator-kernels")
+
+
+def get_threads() -> int:
+    return _THREADS.count
+
+
+def _in_parts(items: int, elements: int, work) -> None:
+    """``work(start, stop)`` over contiguous parts of range(items), one part per thread.
+
+    ``elements``: how many elements the whole job touches; small jobs stay in this thread.
+    """
+    parts = min(_THREADS.count, items) if elements >= PARALLEL_MIN else 1
+    pool = _THREADS.pool
+    if parts <= 1 or pool is None:
+        work(0, items)
+        return
+    bounds = [items * part // parts for part in range(parts + 1)]
+    futures = [pool.submit(work, bounds[part], bounds[part + 1]) for part in range(1, parts)]
+    try:
+        work(bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _row_blocks(start: int, stop: int, width: int, chunk: int = CHUNK):
+    """Slices of rows start..stop holding about ``chunk`` elements each (rows of ``width``)."""
+    step = max(1, chunk // max(width, 1))
+    return [slice(row, min(row + step, stop)) for row in range(start, stop, step)]
+
+
+def _as_rows(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous array as [N, D] (a view)."""
+    return array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
+
+
+def _by_rows(rows: int, width: int, body, chunk: int = CHUNK) -> None:
+    """``body(row_slice)`` for every block of rows, the blocks shared among the threads."""
+    def work(start: int, stop: int) -> None:
+        for block in _row_blocks(start, stop, width, chunk):
+            body(block)
+    _in_parts(rows, rows * width, work)
 
 
 # --------------------------------------------------------------------------- dropout
 def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
                  shape: tuple[int, int], keep_prob: float, dtype) -> np.ndarray:
-    """Scaled keep-mask [B, D]: 1/keep_prob where kept, 0 where dropped (see ``rng``)."""
-    keep = rng.keep_mask(seed, step, layer, example_offset, shape[0], shape[1], keep_prob)
-    return np.multiply(keep, np.dtype(dtype).type(1.0 / keep_prob), dtype=dtype)
+    """Scaled keep-mask [B, D]: 1/keep_prob where kept, 0 where dropped (see ``rng``).
+
+    Drawn in blocks of examples (each example's bits depend on its global index only).
+    """
+    batch, units = shape
+    mask = np.empty((batch, units), dtype=dtype)
+    scale = mask.dtype.type(1.0 / keep_prob)
+
+    def body(rows: slice) -> None:
+        keep = rng.keep_mask(seed, step, layer, example_offset + rows.start, rows.stop - rows.start, units,
+                             keep_prob)
+        np.multiply(keep, scale, out=mask[rows])
+
+    _by_rows(batch, units, body, PHILOX_CHUNK)
+    return mask
 
 
 def apply_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -40,73 +141,108 @@ def apply_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def bias_act_dropout(z: np.ndarray, bias: np.ndarray, activation: str,
                      mask: np.ndarray | None) -> np.ndarray:
     """z += bias (in place, kept for the backward pass); returns act(z) * mask."""
-    np.add(z, bias, out=z)
-    a = activation_forward(z, activation)
-    if mask is not None:
-        np.multiply(a, mask, out=a)
-    return a
+    _check_activation(activation)
+    out = np.empty_like(z)
+    z2 = _as_rows(z)
+    out2, mask2 = out.reshape(z2.shape), None if mask is None else mask.reshape(z2.shape)
+
+    def body(rows: slice) -> None:
+        zb, ob = z2[rows], out2[rows]
+        np.add(zb, bias, out=zb)
+        _activation_into(zb, activation, ob)
+        if mask2 is not None:
+            np.multiply(ob, mask2[rows], out=ob)
+
+    _by_rows(*z2.shape, body)
+    return out
 
 
 def activation_forward(z: np.ndarray, activation: str) -> np.ndarray:
     """act(z) as a new array (z is kept for the backward pass)."""
+    _check_activation(activation)
+    z2 = _as_rows(np.ascontiguousarray(z))
+    out = np.empty(z.shape, z.dtype)
+    out2 = out.reshape(z2.shape)
+    _by_rows(*z2.shape, lambda rows: _activation_into(z2[rows], activation, out2[rows]))
+    return out
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _activation_into(z: np.ndarray, activation: str, out: np.ndarray) -> None:
     if activation == "relu":
-        return np.maximum(z, 0)
-    if activation == "gelu":
-        return _gelu(z)
-    if activation == "tanh":
-        return np.tanh(z)
-    raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        np.maximum(z, 0, out=out)
+    elif activation == "gelu":
+        _gelu_into(z, out)
+    else:
+        np.tanh(z, out=out)
 
 
 def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
                           mask: np.ndarray | None) -> np.ndarray:
-    """dL/dz = da * mask * act'(z), computed in place in ``da``."""
-    if mask is not None:
-        np.multiply(da, mask, out=da)
-    if activation == "relu":
-        np.multiply(da, z > 0, out=da)
-    elif activation == "gelu":
-        np.multiply(da, _gelu_grad(z), out=da)
-    elif activation == "tanh":
-        t = np.tanh(z)
-        np.multiply(t, t, out=t)
-        np.subtract(1, t, out=t)                # 1 - tanh(z)^2
-        np.multiply(da, t, out=da)
-    else:
-        raise InvalidArgumentError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    """dL/dz = da * mask * act'(z), computed in place in ``da`` (C-contiguous)."""
+    _check_activation(activation)
+    da2 = _as_rows(da)
+    z2 = np.ascontiguousarray(z).reshape(da2.shape)
+    mask2 = None if mask is None else mask.reshape(da2.shape)
+    local = threading.local()
+
+    def body(rows: slice) -> None:
+        db, zb = da2[rows], z2[rows]
+        if mask2 is not None:
+            np.multiply(db, mask2[rows], out=db)
+        if activation == "relu":
+            np.multiply(db, zb > 0, out=db)
+            return
+        scratch = getattr(local, "scratch", None)
+        if scratch is None or scratch.shape[1] < zb.shape[0]:
+            scratch = local.scratch = np.empty((3, *zb.shape), z.dtype)
+        slope, inner, square = (buffer[:zb.shape[0]] for buffer in scratch)
+        if activation == "gelu":
+            _gelu_grad_into(zb, slope, inner, square)
+        else:
+            np.tanh(zb, out=slope)
+            np.multiply(slope, slope, out=slope)
+            np.subtract(1, slope, out=slope)                 # 1 - tanh(z)^2
+        np.multiply(db, slope, out=db)
+
+    _by_rows(*da2.shape, body)
     return da
 
 
-def _gelu_argument(z: np.ndarray) -> np.ndarray:
-    """u = c (z + a z^3) = z (c + c a z^2), as a new array."""
+def _gelu_argument_into(z: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """u = c (z + a z^3) = z (c + c a z^2), written into ``u``."""
     t = z.dtype.type
-    u = np.multiply(z, z)
+    np.multiply(z, z, out=u)
     u *= t(_GELU_C * _GELU_A)
     u += t(_GELU_C)
     u *= z
     return u
 
 
-def _gelu(z: np.ndarray) -> np.ndarray:
-    """0.5 z (1 + tanh(u)), one new array, every step in place."""
-    a = _gelu_argument(z)
-    np.tanh(a, out=a)
-    a += 1
-    a *= z
-    a *= z.dtype.type(0.5)
-    return a
+def _gelu_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """0.5 z (1 + tanh(u)) into ``out``, every step in place."""
+    _gelu_argument_into(z, out)
+    np.tanh(out, out=out)
+    out += 1
+    out *= z
+    out *= z.dtype.type(0.5)
+    return out
 
 
-def _gelu_grad(z: np.ndarray) -> np.ndarray:
-    """d gelu / dz = 0.5 (1 + t) + 0.5 (1 - t^2) c z (1 + 3 a z^2), t = tanh(u)."""
+def _gelu_grad_into(z: np.ndarray, slope: np.ndarray, inner: np.ndarray, square: np.ndarray) -> np.ndarray:
+    """d gelu / dz = 0.5 (1 + t) + 0.5 (1 - t^2) c z (1 + 3 a z^2), t = tanh(u), into ``slope``."""
     t_ = z.dtype.type
-    slope = _gelu_argument(z)
+    _gelu_argument_into(z, slope)
     np.tanh(slope, out=slope)                       # t
-    inner = np.multiply(z, z)
+    np.multiply(z, z, out=inner)
     inner *= t_(3 * _GELU_A * _GELU_C)
     inner += t_(_GELU_C)
     inner *= z                                      # c z (1 + 3 a z^2)
-    square = np.multiply(slope, slope)
+    np.multiply(slope, slope, out=square)
     np.subtract(1, square, out=square)              # 1 - t^2
     square *= inner
     slope += 1
@@ -120,15 +256,22 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of x [N, D] normalized: (y = xhat * gamma + beta, xhat, rstd [N, 1]); x is not written."""
     t = x.dtype.type
-    xhat = x - x.mean(axis=1, keepdims=True)
-    var = np.einsum("ij,ij->i", xhat, xhat)[:, None]                  # [N, 1] sum of squares
-    var *= t(1.0 / x.shape[1])
-    var += t(epsilon)
-    rstd = np.sqrt(var, out=var)
-    np.divide(1, rstd, out=rstd)
-    xhat *= rstd
-    y = np.multiply(xhat, gamma)
-    y += beta
+    inv_d, eps = t(1.0 / x.shape[1]), t(epsilon)
+    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((x.shape[0], 1), x.dtype)
+
+    def body(rows: slice) -> None:
+        xb, hb, rb, yb = x[rows], xhat[rows], rstd[rows], y[rows]
+        np.subtract(xb, xb.mean(axis=1, keepdims=True), out=hb)
+        np.einsum("ij,ij->i", hb, hb, out=rb[:, 0])               # sum of squares per row
+        rb *= inv_d
+        rb += eps
+        np.sqrt(rb, out=rb)
+        np.divide(1, rb, out=rb)
+        hb *= rb
+        np.multiply(hb, gamma, out=yb)
+        yb += beta
+
+    _by_rows(*x.shape, body)
     return y, xhat, rstd
 
 
@@ -136,17 +279,22 @@ def layer_norm_grad(dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray,
                     gamma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dx, dgamma, dbeta) for ``layer_norm``; ``dy`` [N, D] is overwritten (it becomes dx)."""
     t = dy.dtype.type
-    dgamma = np.einsum("ij,ij->j", dy, xhat)
+    dgamma = np.einsum("ij,ij->j", dy, xhat)                          # sums over rows: whole arrays
     dbeta = dy.sum(axis=0)
-    dy *= gamma                                                      # dxhat
     inv_d = t(1.0 / dy.shape[1])
-    mean_dxhat = dy.sum(axis=1, keepdims=True)
-    mean_dxhat *= inv_d
-    mean_dxhat_xhat = np.einsum("ij,ij->i", dy, xhat)[:, None]
-    mean_dxhat_xhat *= inv_d
-    dy -= mean_dxhat                                                 # dx = rstd (dxhat - mean(dxhat)
-    dy -= xhat * mean_dxhat_xhat                                     #        - xhat mean(dxhat xhat))
-    dy *= rstd
+
+    def body(rows: slice) -> None:
+        db, hb = dy[rows], xhat[rows]
+        db *= gamma                                                  # dxhat
+        mean_dxhat = db.sum(axis=1, keepdims=True)
+        mean_dxhat *= inv_d
+        mean_dxhat_xhat = np.einsum("ij,ij->i", db, hb)[:, None]
+        mean_dxhat_xhat *= inv_d
+        db -= mean_dxhat                                             # dx = rstd (dxhat - mean(dxhat)
+        db -= hb * mean_dxhat_xhat                                   #        - xhat mean(dxhat xhat))
+        db *= rstd[rows]
+
+    _by_rows(*dy.shape, body)
     return dy, dgamma, dbeta
 
 
@@ -160,25 +308,61 @@ def _causal_bias(queries: int, keys: int, dtype: np.dtype) -> np.ndarray:
 
 
 def attention_softmax(scores: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-    """softmax(scale * scores) over the last axis, future keys masked when ``causal``; in place."""
+    """softmax(scale * scores) over the last axis, future keys masked when ``causal``; in place.
+
+    Blocks are whole [T, S] score matrices (the causal bias lines up with every block).
+    """
     t = scores.dtype.type
-    scores *= t(scale)
-    if causal:
-        scores += _causal_bias(scores.shape[-2], scores.shape[-1], scores.dtype)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    queries, keys = scores.shape[-2:]
+    bias = _causal_bias(queries, keys, scores.dtype) if causal else None
+    matrices = scores.reshape(-1, queries, keys)
+
+    def body(block: slice) -> None:
+        sb = matrices[block]
+        if scale != 1.0:
+            sb *= t(scale)
+        if bias is not None:
+            sb += bias
+        sb -= sb.max(axis=-1, keepdims=True)
+        np.exp(sb, out=sb)
+        sb /= sb.sum(axis=-1, keepdims=True)
+
+    _by_rows(matrices.shape[0], queries * keys, body)
     return scores
 
 
 def attention_softmax_grad(dprobs: np.ndarray, probs: np.ndarray, scale: float) -> np.ndarray:
     """d(scores) = scale * probs * (dprobs - sum(dprobs * probs)), written over ``dprobs``."""
     t = dprobs.dtype.type
-    dot = np.einsum("...j,...j->...", dprobs, probs)[..., None]
-    dprobs -= dot
-    dprobs *= probs
-    dprobs *= t(scale)
+    d2, p2 = _as_rows(dprobs), _as_rows(probs)
+
+    def body(rows: slice) -> None:
+        db, pb = d2[rows], p2[rows]
+        db -= np.einsum("ij,ij->i", db, pb)[:, None]
+        db *= pb
+        if scale != 1.0:
+            db *= t(scale)
+
+    _by_rows(*d2.shape, body)
     return dprobs
+
+
+# --------------------------------------------------------------------------- batched products
+def batched_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)`` over stacks of matrices, the leading axis shared among the threads.
+
+    Attention's per-head products (64 x 64 x 16) are below OpenBLAS's size for threading a
+    GEMM, so BLAS runs each on one core; the threads here run different batch entries at once
+    (matmul releases the GIL). Each entry is the same single GEMM either way: the same bits.
+    """
+    if out is None:
+        out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                       dtype=np.result_type(a, b))
+    if _THREADS.count == 1 or a.ndim < 3 or a.shape[0] != out.shape[0] or b.shape[0] != out.shape[0]:
+        return np.matmul(a, b, out=out)
+    _in_parts(out.shape[0], out.size * a.shape[-1],
+              lambda start, stop: np.matmul(a[start:stop], b[start:stop], out=out[start:stop]))
+    return out
 
 
 # --------------------------------------------------------------------------- embedding
@@ -218,24 +402,32 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
 
 
 # --------------------------------------------------------------------------- optimizers
-# The update rules run every pass of their formula over a block of CHUNK elements at a time
-# (all arrays raveled, views), so a block stays in the core's cache across the 6-11 passes
-# instead of each pass streaming the whole (multi-MiB) variable from memory: 1.6-2x faster
-# for the MLP's 784x625 kernel. Elementwise math is exact per element, so blocking changes
-# no bit of the result.
-CHUNK = 32768
-
-
-def _blocks(*arrays: np.ndarray):
-    """Flat views of ``arrays`` (same shape) cut into CHUNK-element blocks, zipped; the arrays
-    themselves, as one block, when one is not C-contiguous (a flat view would be a copy)."""
-    if not all(a.flags.c_contiguous for a in arrays) or arrays[0].size <= CHUNK:
-        yield arrays
-        return
+# The update rules run all their passes per block of CHUNK elements (1.6-2x faster for the
+# MLP's 784x625 kernel than whole-array passes, which stream it from memory each time).
+def _blocks(start: int, stop: int, *arrays: np.ndarray):
+    """Flat views of ``arrays`` (same shape) over elements start..stop cut into CHUNK-element blocks."""
     flat = [a.reshape(-1) for a in arrays]
-    size = flat[0].size
-    for start in range(0, size, CHUNK):
-        yield [a[start:start + CHUNK] for a in flat]
+    for first in range(start, stop, CHUNK):
+        yield [a[first:min(first + CHUNK, stop)] for a in flat]
+
+
+def _update(body, *arrays: np.ndarray) -> None:
+    """``body(*blocks, scratch)`` over the blocks of ``arrays`` (the blocks shared among the threads).
+
+    Not C-contiguous (never the engine's own arrays): the whole arrays as one block.
+    """
+    if not all(a.flags.c_contiguous for a in arrays):
+        body(*arrays, np.empty((2, *arrays[0].shape), arrays[0].dtype))
+        return
+    size = arrays[0].size
+    blocks = -(-size // CHUNK)
+
+    def work(start: int, stop: int) -> None:
+        scratch = np.empty((2, min(size, CHUNK)), arrays[0].dtype)
+        for views in _blocks(start * CHUNK, min(stop * CHUNK, size), *arrays):
+            body(*views, scratch[:, :views[0].size])
+
+    _in_parts(blocks, size, work)
 
 
 def sgd_update(var: np.ndarray, grad: np.ndarray, lr: float) -> None:
@@ -261,9 +453,9 @@ def rmsprop_update(var: np.ndarray, ms: np.ndarray, mom: np.ndarray, grad: np.nd
     t = var.dtype.type
     one_minus_decay = t(1) - t(decay)          # TF computes (1 - rho) in the variable's dtype
     lr_, momentum_, epsilon_ = t(lr), t(momentum), t(epsilon)
-    scratch = np.empty(min(var.size, CHUNK), var.dtype)
-    for v, s, m, g in _blocks(var, ms, mom, grad):
-        tmp = scratch[:v.size].reshape(v.shape)
+
+    def body(v, s, m, g, scratch):
+        tmp = scratch[0]
         np.multiply(g, g, out=tmp)
         tmp -= s
         tmp *= one_minus_decay
@@ -280,6 +472,8 @@ def rmsprop_update(var: np.ndarray, ms: np.ndarray, mom: np.ndarray, grad: np.nd
             m *= lr_
         v -= m
 
+    _update(body, var, ms, mom, grad)
+
 
 def adam_update(var: np.ndarray, m: np.ndarray, v: np.ndarray, grad: np.ndarray,
                 lr_t: float, beta1: float, beta2: float, epsilon: float) -> None:
@@ -288,18 +482,20 @@ def adam_update(var: np.ndarray, m: np.ndarray, v: np.ndarray, grad: np.ndarray,
     t = var.dtype.type
     one_minus_b1, one_minus_b2 = t(1) - t(beta1), t(1) - t(beta2)
     lr_t_, epsilon_ = t(lr_t), t(epsilon)
-    buffers = np.empty((2, min(var.size, CHUNK)), var.dtype)
-    for w, m_, v_, g in _blocks(var, m, v, grad):
-        scratch, denominator = buffers[0, :w.size].reshape(w.shape), buffers[1, :w.size].reshape(w.shape)
-        np.subtract(g, m_, out=scratch)
-        scratch *= one_minus_b1
-        m_ += scratch
-        np.multiply(g, g, out=scratch)
-        scratch -= v_
-        scratch *= one_minus_b2
-        v_ += scratch
+
+    def body(w, m_, v_, g, scratch):
+        step, denominator = scratch[0], scratch[1]
+        np.subtract(g, m_, out=step)
+        step *= one_minus_b1
+        m_ += step
+        np.multiply(g, g, out=step)
+        step -= v_
+        step *= one_minus_b2
+        v_ += step
         np.sqrt(v_, out=denominator)
         denominator += epsilon_
-        np.multiply(m_, lr_t_, out=scratch)
-        scratch /= denominator
-        w -= scratch
+        np.multiply(m_, lr_t_, out=step)
+        step /= denominator
+        w -= step
+
+    _update(body, var, m, v, grad)
