@@ -1,0 +1,71 @@
+"""The numpy kernels' blocks and threads never change a result (kernels_numpy.set_threads, CHUNK).
+
+Training with the kernels cut into tiny blocks shared among 3 threads must give, bit for bit,
+the parameters and optimizer slots that one thread with the default blocks gives: a job's
+result cannot depend on how many cores ran its elementwise work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.engine import kernels_numpy
+from orchestrator.engine.backend import numpy_backend
+from orchestrator.engine.data import Dataset, Sampler
+from orchestrator.engine.models import ModelSpec, build_model
+from orchestrator.engine.network import SequentialSpec
+from orchestrator.engine.optimizers import make_optimizer
+from orchestrator.engine.step import Trainer
+from orchestrator.engine.transformer import TransformerSpec
+
+SPECS = {
+    "mlp-rmsprop": (ModelSpec(kind="mlp", input_dim=24, hidden=(40, 40), num_classes=5, activation="relu",
+                              keep_prob_input=0.8, keep_prob_hidden=0.5), "rmsprop"),
+    "cnn-adam": (SequentialSpec(input_shape=(6, 6, 1), num_classes=5, layers=[
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "tanh"},
+        {"type": "max_pooling2d"}, {"type": "flatten"}, {"type": "dense", "units": 16, "activation": "gelu"},
+        {"type": "dropout", "rate": 0.3}, {"type": "dense"}]), "adam"),
+    "transformer-adam": (TransformerSpec(vocab=11, context=12, d_model=16, heads=2, layers=1, dropout=0.2), "adam"),
+}
+
+
+def _dataset(spec) -> Dataset:
+    data = np.random.default_rng(5)
+    if isinstance(spec, TransformerSpec):
+        x = data.integers(0, spec.vocab, (40, spec.context))
+        return Dataset(x, np.roll(x, -1, axis=1), x[:4], x[:4], classes=spec.vocab)
+    features = spec.input_dim if isinstance(spec, ModelSpec) else int(np.prod(spec.input_shape))
+    x = data.random((40, features), dtype=np.float32)
+    y = data.integers(0, spec.num_classes, 40)
+    return Dataset(x, y, x[:4], y[:4], classes=spec.num_classes)
+
+
+def _train(spec, optimizer: str, steps: int = 4) -> dict[str, bytes]:
+    dataset = _dataset(spec)
+    trainer = Trainer(build_model(spec, numpy_backend(), seed=1), make_optimizer(optimizer, 1e-2),
+                      Sampler(len(dataset.train_y), 8, seed=1), dataset, seed=1)
+    for _ in range(steps):
+        trainer.train_step()
+    return {v.name: v.numpy().tobytes() for v in trainer.state_variables()}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_tiny_blocks_on_three_threads_train_bit_identically(name, monkeypatch):
+    spec, optimizer = SPECS[name]
+    reference = _train(spec, optimizer)
+    monkeypatch.setattr(kernels_numpy, "CHUNK", 8)
+    monkeypatch.setattr(kernels_numpy, "PHILOX_CHUNK", 16)
+    monkeypatch.setattr(kernels_numpy, "PARALLEL_MIN", 16)
+    kernels_numpy.set_threads(3)
+    try:
+        threaded = _train(spec, optimizer)
+    finally:
+        kernels_numpy.set_threads(1)
+    assert threaded.keys() == reference.keys()
+    assert [name for name in reference if threaded[name] != reference[name]] == []
+
+
+def test_thread_count_must_be_positive():
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        kernels_numpy.set_threads(0)
