@@ -30,7 +30,7 @@ tensor and bit for bit, with an uninterrupted run of the same config and M.
 The job runs with ``fault_tolerance.spare_workers: 1`` (``--spare-workers``; 0: every
 replacement starts a fresh process) and ``checkpoint.memory_every_steps`` from ``--memory-every``.
 
-    python scripts/chaos.py --faults 5          # short (the default test suite runs this)
+    python scripts/chaos.py --faults 4          # short: each kind once (the default test suite runs this)
     python scripts/chaos.py --faults 50         # long
 
 Prints a result table; ``--markdown PATH`` also writes it as Markdown.
