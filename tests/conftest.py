@@ -69,30 +69,40 @@ def s3_server():
         proc.kill()
 
 
-@pytest.fixture
-def s3_options(s3_server):
-    """``storage_options`` for s3fs pointing at the test server."""
+def s3_options_for(endpoint: str) -> dict:
+    """``storage_options`` for s3fs pointing at the test server at ``endpoint``."""
     return {
         "key": "testing",
         "secret": "testing",
-        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
         "use_listings_cache": False,
         "skip_instance_cache": True,
     }
 
 
-@pytest.fixture
-def s3_bucket(s3_options):
-    """A fresh bucket; yields its ``s3://`` URL."""
+def new_bucket(options: dict) -> str:
+    """Create a fresh bucket on the test server; its ``s3://`` URL."""
     import boto3
 
     client = boto3.client(
-        "s3", endpoint_url=s3_options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
-        aws_access_key_id=s3_options["key"], aws_secret_access_key=s3_options["secret"],
+        "s3", endpoint_url=options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+        aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
     )
     name = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)  # us-east-1: no LocationConstraint allowed
-    yield f"s3://{name}"
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_options(s3_server):
+    """``storage_options`` for s3fs pointing at the test server."""
+    return s3_options_for(s3_server)
+
+
+@pytest.fixture
+def s3_bucket(s3_options):
+    """A fresh bucket; yields its ``s3://`` URL."""
+    yield new_bucket(s3_options)
 
 
 @pytest.fixture

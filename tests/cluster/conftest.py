@@ -103,3 +103,21 @@ def stop_then_resume_with_a_sigkill(config, stop_at: int, kill_at: int):
     supervisor = Supervisor(config, recorder)
     recorder.actions = {kill_at: lambda: os.kill(worker_pids(supervisor)[-1], signal.SIGKILL)}
     return recorder, supervisor.run()
+
+
+@pytest.fixture(scope="session")
+def two_nodes(tmp_path_factory, s3_server):
+    """The two-node scenarios of tests/cluster/two_nodes.py, run once per session on one cluster."""
+    from tests.cluster import two_nodes as child
+    from tests.conftest import new_bucket, s3_options_for
+
+    options = s3_options_for(s3_server)
+    return child.outcome(tmp_path_factory.mktemp("two-nodes"), new_bucket(options), options, timeout=500)
+
+
+def two_node_scenario(outcome: dict, name: str) -> dict:
+    """One scenario's result; fails the test with its traceback (or the child's output) if it did not end well."""
+    record = outcome.get(name)
+    assert record is not None, f"scenario {name!r} printed no result: {outcome['_output']}"
+    assert record["ok"], record["error"]
+    return record
