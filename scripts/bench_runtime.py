@@ -13,7 +13,8 @@
     channels, one ``execute`` per step from the driver) vs the workers' own exchange running K steps per
     call (shared memory on one node; TCP, as between nodes);
 (f) the machine's ceiling for (c): one process doing the whole batch vs two independent processes (no Ray, no
-    exchange) each doing half with ``engine.step.TrainStep``, one BLAS thread each: no M=2 can beat that ratio.
+    exchange) each doing half with ``engine.step.TrainStep`` and updating the share of the variables its rank
+    owns at M=2, one BLAS thread each: no M=2 can beat that ratio.
 
     python scripts/bench_runtime.py [--model-mb 200] [--workers 1 2 4] [--dir /tmp/bench]
 
@@ -355,6 +356,7 @@ def bench_transport(steps: int) -> None:
 
 # ------------------------------------------------------------------------------ (f)
 def _independent_steps(rank: int, world: int, steps: int, results) -> None:
+    from orchestrator.cluster.ownership import assign_owners
     from orchestrator.engine.backend import get_backend
     from orchestrator.engine.data import Sampler
     from orchestrator.engine.models import ModelSpec, build_model
@@ -366,8 +368,10 @@ def _independent_steps(rank: int, world: int, steps: int, results) -> None:
     optimizer = make_optimizer("sgd", 1e-3)
     rng = np.random.default_rng(rank)
     x, y = rng.random((512, 784), dtype=np.float32), rng.integers(0, 10, 512)
+    # the share of the update this rank makes at M=world (the runtime's own ownership map)
+    owned = assign_owners({v.name: v.nbytes for v in model.variables}, world).owned_by(rank)
     step = TrainStep(model, optimizer, Sampler(512, 128, 0), x, y, seed=0, global_batch_size=128,
-                     owned=[v.name for v in model.variables],
+                     owned=owned,
                      slots={v.name: optimizer.create_slots(v) for v in model.variables}, rank=rank, world=world)
     exchange = LocalExchange()
     for i in range(WARMUP_STEPS):
