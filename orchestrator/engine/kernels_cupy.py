@@ -259,7 +259,3 @@ def set_threads(count: int) -> None:
     if int(count) < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {count}")
 
-
-def batched_matmul(a, b, out=None):
-    """``cp.matmul`` over stacks of matrices (the numpy kernels share the batch among host threads)."""
-    return cp.matmul(a, b, out=out)

@@ -347,24 +347,6 @@ def attention_softmax_grad(dprobs: np.ndarray, probs: np.ndarray, scale: float) 
     return dprobs
 
 
-# --------------------------------------------------------------------------- batched products
-def batched_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``np.matmul(a, b, out=out)`` over stacks of matrices, the leading axis shared among the threads.
-
-    Attention's per-head products (64 x 64 x 16) are below OpenBLAS's size for threading a
-    GEMM, so BLAS runs each on one core; the threads here run different batch entries at once
-    (matmul releases the GIL). Each entry is the same single GEMM either way: the same bits.
-    """
-    if out is None:
-        out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
-                       dtype=np.result_type(a, b))
-    if _THREADS.count == 1 or a.ndim < 3 or a.shape[0] != out.shape[0] or b.shape[0] != out.shape[0]:
-        return np.matmul(a, b, out=out)
-    _in_parts(out.shape[0], out.size * a.shape[-1],
-              lambda start, stop: np.matmul(a[start:stop], b[start:stop], out=out[start:stop]))
-    return out
-
-
 # --------------------------------------------------------------------------- embedding
 def scatter_add_rows(target: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
     """target[indices[i]] += values[i] for every i (repeated indices add up); returns target.

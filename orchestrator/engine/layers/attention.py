@@ -72,11 +72,11 @@ class MultiHeadAttention(Layer):
             qkv += bias
         q, k, v = _heads(qkv.reshape(batch, positions, 3, *self._heads_shape(params)))  # [B, H, T, K] views
         q *= q.dtype.type(self.scale)       # the 1/sqrt(K) of the scores, on q: a quarter of the elements
-        probs = ops.attention_softmax(ops.batched_matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
+        probs = ops.attention_softmax(xp.matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
                                       self.config["causal"])                         # [B, H, T, T]
         mask = run.dropout_mask(self.site, probs.shape, 1.0 - self.config["dropout"], probs.dtype)
         dropped = probs if mask is None else probs * mask
-        context = ops.batched_matmul(dropped, v)                                     # [B, H, T, K]
+        context = xp.matmul(dropped, v)                                     # [B, H, T, K]
         context = context.transpose(0, 2, 1, 3).reshape(batch * positions, -1)       # [B*T, H*K]
         out_kernel = params[self.kernels["output"]]
         out = xp.matmul(context, out_kernel.reshape(-1, width))
@@ -108,14 +108,14 @@ class MultiHeadAttention(Layer):
         dcontext = dcontext.reshape(batch, positions, heads, key_dim).transpose(0, 2, 1, 3)
         d_qkv = xp.empty((batch, positions, 3, heads, key_dim), dtype=q.dtype)        # written by the products
         dq, dk, dv = _heads(d_qkv)
-        ops.batched_matmul(dropped.transpose(0, 1, 3, 2), dcontext, out=dv)
-        dprobs = ops.batched_matmul(dcontext, v.transpose(0, 1, 3, 2))               # [B, H, T, T]
+        xp.matmul(dropped.transpose(0, 1, 3, 2), dcontext, out=dv)
+        dprobs = xp.matmul(dcontext, v.transpose(0, 1, 3, 2))               # [B, H, T, T]
         if mask is not None:
             dprobs *= mask
         dscores = ops.attention_softmax_grad(dprobs, probs, 1.0)                      # d(scaled scores)
-        ops.batched_matmul(dscores, k, out=dq)
+        xp.matmul(dscores, k, out=dq)
         dq *= dq.dtype.type(self.scale)
-        ops.batched_matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)                 # q holds the scale
+        xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)                 # q holds the scale
         d_rows = d_qkv.reshape(batch * positions, -1)                               # [B*T, 3*H*K]
         kernel_grads = xp.matmul(rows.T, d_rows)                                     # [D, 3*H*K]: one GEMM
         bias_grads = d_rows.sum(axis=0) if self.biases else None
