@@ -134,7 +134,14 @@ def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
 
 def apply_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """x * mask as a new array (x itself is the caller's data, never overwritten)."""
-    return x.copy() if mask is None else np.multiply(x, mask)
+    if mask is None:
+        return x.copy()
+    if not (x.flags.c_contiguous and mask.flags.c_contiguous and x.shape == mask.shape):
+        return np.multiply(x, mask)
+    out = np.empty(x.shape, np.result_type(x, mask))
+    x2, mask2, out2 = _as_rows(x), _as_rows(mask), _as_rows(out)
+    _by_rows(*x2.shape, lambda rows: np.multiply(x2[rows], mask2[rows], out=out2[rows]))
+    return out
 
 
 # --------------------------------------------------------------------------- dense + activation

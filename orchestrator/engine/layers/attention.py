@@ -75,7 +75,7 @@ class MultiHeadAttention(Layer):
         probs = ops.attention_softmax(xp.matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
                                       self.config["causal"])                         # [B, H, T, T]
         mask = run.dropout_mask(self.site, probs.shape, 1.0 - self.config["dropout"], probs.dtype)
-        dropped = probs if mask is None else probs * mask
+        dropped = probs if mask is None else ops.apply_mask(probs, mask)
         context = xp.matmul(dropped, v)                                     # [B, H, T, K]
         context = context.transpose(0, 2, 1, 3).reshape(batch * positions, -1)       # [B*T, H*K]
         out_kernel = params[self.kernels["output"]]

@@ -95,7 +95,7 @@ class Dropout(Layer):
 
     def forward(self, params, x, run):
         mask = run.dropout_mask(self.site, x.shape, 1.0 - self.config["rate"], x.dtype)
-        return (x if mask is None else x * mask), mask
+        return (x if mask is None else run.ops.apply_mask(x, mask)), mask
 
     def backward(self, params, mask, dy, run, need_dx):
         if not need_dx or mask is None:
