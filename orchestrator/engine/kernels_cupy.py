@@ -259,3 +259,8 @@ def set_threads(count: int) -> None:
     if int(count) < 1:
         raise InvalidArgumentError(f"threads must be >= 1, got {count}")
 
+
+
+def sum_rows(x, out=None):
+    """x [N, D] summed over its rows -> [D] (the numpy kernels use a GEMV)."""
+    return cp.sum(x, axis=0, out=out)

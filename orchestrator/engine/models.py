@@ -268,7 +268,7 @@ class Model:
             kernel = params[f"{name}/kernel"]
             a = forward.inputs[layer]
             grads[f"{name}/kernel"] = xp.matmul(a.T, delta, out=buffers.get(f"g{name}/k", kernel.shape, a.dtype))
-            grads[f"{name}/bias"] = xp.sum(delta, axis=0, out=buffers.get(f"g{name}/b", (kernel.shape[1],), a.dtype))
+            grads[f"{name}/bias"] = ops.sum_rows(delta, out=buffers.get(f"g{name}/b", (kernel.shape[1],), a.dtype))
             if layer > 0:
                 da = xp.matmul(delta, kernel.T, out=buffers.get(f"da{layer}", a.shape, a.dtype))
                 delta = ops.bias_act_dropout_grad(da, forward.pre_activations[layer - 1],

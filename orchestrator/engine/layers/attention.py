@@ -103,7 +103,7 @@ class MultiHeadAttention(Layer):
         out_kernel = params[self.kernels["output"]]
         run.add_grad(self.kernels["output"], xp.matmul(context.T, dout).reshape(out_kernel.shape))
         if "output" in self.biases:
-            run.add_grad(self.biases["output"], dout.sum(axis=0))
+            run.add_grad(self.biases["output"], ops.sum_rows(dout))
         dcontext = xp.matmul(dout, out_kernel.reshape(heads * key_dim, -1).T)
         dcontext = dcontext.reshape(batch, positions, heads, key_dim).transpose(0, 2, 1, 3)
         d_qkv = xp.empty((batch, positions, 3, heads, key_dim), dtype=q.dtype)        # written by the products
@@ -118,7 +118,7 @@ class MultiHeadAttention(Layer):
         xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)                 # q holds the scale
         d_rows = d_qkv.reshape(batch * positions, -1)                               # [B*T, 3*H*K]
         kernel_grads = xp.matmul(rows.T, d_rows)                                     # [D, 3*H*K]: one GEMM
-        bias_grads = d_rows.sum(axis=0) if self.biases else None
+        bias_grads = ops.sum_rows(d_rows) if self.biases else None
         width = heads * key_dim
         for index, part in enumerate(PROJECTIONS):
             columns = slice(index * width, (index + 1) * width)

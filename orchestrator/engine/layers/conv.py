@@ -54,7 +54,10 @@ class _Windowed(Layer):
         (top, bottom), (left, right) = self.pads
         if not (top or bottom or left or right):
             return x
-        return xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+        batch, height, width, channels = x.shape
+        padded = xp.full((batch, height + top + bottom, width + left + right, channels), fill, dtype=x.dtype)
+        padded[:, top:top + height, left:left + width, :] = x       # 8x cheaper than xp.pad on 8x8 images
+        return padded
 
     def _offsets(self):
         """(i, j, row slice, column slice) of every window offset into the padded input."""
@@ -120,7 +123,7 @@ class Conv2D(_Windowed):
         if z is not None:
             dz = run.ops.bias_act_dropout_grad(dz, z, self.config["activation"], None)
         run.add_grad(self.kernel, xp.matmul(cols.T, dz).reshape(kernel.shape))
-        run.add_grad(self.bias, dz.sum(axis=0))
+        run.add_grad(self.bias, run.ops.sum_rows(dz))
         if not need_dx:
             return None
         dcols = xp.matmul(dz, kernel.reshape(-1, kernel.shape[3]).T)

@@ -54,7 +54,7 @@ class Dense(Layer):
             dz = run.ops.bias_act_dropout_grad(dz, z, self.config["activation"], None)
         run.add_grad(self.kernel, xp.matmul(x2.T, dz))
         if self.bias is not None:
-            run.add_grad(self.bias, dz.sum(axis=0))
+            run.add_grad(self.bias, run.ops.sum_rows(dz))
         if not need_dx:
             return None
         return xp.matmul(dz, kernel.T).reshape(*dy.shape[:-1], kernel.shape[0])
