@@ -13,11 +13,14 @@ of a dozen passes over a multi-MiB activation streams it from memory a dozen tim
 multi-pass kernels here (activations and their gradients, layer normalization, the attention
 softmax, dropout masks, optimizer updates) instead run every pass on one block of about
 ``CHUNK`` elements (whole rows where a row is reduced) before the next block, so the passes
-read cache. And with ``set_threads(n)``, n > 1, the blocks of a large array are shared
-between the calling thread and n - 1 pool threads (numpy releases the GIL inside a ufunc
-loop), the way BLAS shares a GEMM. Neither changes a bit of any result: the math is
-elementwise, or reduces along a row that is never split, so the result of each element is
-computed by the same operations in the same order whatever the blocks and threads.
+read cache. And with ``set_threads(n)``, n > 1, the blocks of a large array (at least
+``PARALLEL_MIN`` elements) are handed out one at a time to the calling thread and n - 1 pool
+threads (numpy releases the GIL inside a ufunc loop), so the elementwise work uses the cores
+BLAS uses for the GEMMs; a pool thread the OS runs late simply takes fewer blocks. Neither
+changes a bit of any result: the math is elementwise, or reduces along a row that is never
+split, so each element is computed by the same operations in the same order whatever the
+blocks and threads (tests/engine/test_kernel_threads.py). GEMMs are not shared this way:
+OpenBLAS serializes calls made from several threads, so BLAS's own threads do that part.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 CHUNK = 32768               # elements per block: a few arrays of it stay in a core's L2
 PHILOX_CHUNK = 4 * CHUNK    # dropout units per block: Philox makes ~50 ufunc calls per block
-PARALLEL_MIN = 2 * CHUNK    # arrays smaller than this are not worth a hand-off to another thread
+PARALLEL_MIN = 4 * CHUNK    # arrays smaller than this are not worth a hand-off to another thread
 
 
 # --------------------------------------------------------------------------- blocks and threads
@@ -69,10 +72,6 @@ def set_threads(count: int) -> None:
         _THREADS.count = count
         if count > 1 and _THREADS.pool is None:
             _THREADS.pool = ThreadPoolExecutor(max_workers=count - 1, thread_name_prefix="orchestrator-kernels")
-
-
-def get_threads() -> int:
-    return _THREADS.count
 
 
 class _Blocks:
