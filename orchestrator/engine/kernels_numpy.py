@@ -59,8 +59,9 @@ _THREADS = _Threads()
 def set_threads(count: int) -> None:
     """Use ``count`` threads (the caller's plus count - 1 pool threads) for large elementwise work.
 
-    Results do not depend on it (see the module docstring). 1, the default, keeps every kernel
-    in the calling thread; a job sets it to the cores it was given, as it sets its BLAS threads.
+    Results do not depend on it (see the module docstring). 1, the default (the runtime's
+    workers keep it), keeps every kernel in the calling thread; ``scripts/bench_engine.py`` sets
+    it to the thread count it gives BLAS and torch.
     """
     count = int(count)
     if count < 1:
