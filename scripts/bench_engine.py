@@ -15,8 +15,7 @@ Workloads (float32, the same model, loss, optimizer and batch gather on both sid
   ``scaled_dot_product_attention`` (causal, with dropout).
 
 Speed: both sides run the same number of steps after the same warm-up, with the same
-thread count (numpy's BLAS threads via threadpoolctl and the engine's elementwise kernels via
-``ops.set_threads``; ``torch.set_num_threads``). Timed
+thread count (numpy's BLAS threads via threadpoolctl, ``torch.set_num_threads``). Timed
 blocks alternate (engine, torch, engine, ...) so that load from other processes hits both
 sides alike; each side's median block throughput is reported, and the ratio engine / torch.
 
@@ -272,7 +271,6 @@ def memory_child(workload: str, side: str, args) -> None:
     threads = args.threads or blas_threads()
     if torch is not None:
         torch.set_num_threads(threads)
-    backend.ops.set_threads(threads)
     with threadpool_limits(limits=threads, user_api="blas"):
         if not _peak_rss_reset():
             print(json.dumps({"peak_mib": None}))
@@ -349,10 +347,9 @@ def main(argv=None) -> None:
     torch = import_torch(torch_device)
     threads = args.threads or blas_threads()
     torch.set_num_threads(threads)
-    backend.ops.set_threads(threads)      # the engine's blocked elementwise kernels: the same thread count
     busy = start_busy(args.busy)
     try:
-        print(f"threads: {threads} (numpy BLAS via threadpoolctl and ops.set_threads = torch.set_num_threads); torch {torch.__version__}; "
+        print(f"threads: {threads} (numpy BLAS via threadpoolctl = torch.set_num_threads); torch {torch.__version__}; "
               f"numpy {np.__version__}; {os.cpu_count()} cores, {args.busy} spinning processes; "
               f"{args.warmup} warm-up steps, then {args.rounds} alternating blocks of {args.steps} steps per side")
         for workload in args.workloads:

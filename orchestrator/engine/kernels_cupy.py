@@ -254,12 +254,6 @@ def adam_update(var: cp.ndarray, m: cp.ndarray, v: cp.ndarray, grad: cp.ndarray,
     _adam_kernel(grad, t(lr_t), t(1) - t(beta1), t(1) - t(beta2), t(epsilon), var, m, v)
 
 
-def set_threads(count: int) -> None:
-    """The numpy kernels' host-thread count (``kernels_numpy.set_threads``); on the GPU a no-op."""
-    if int(count) < 1:
-        raise InvalidArgumentError(f"threads must be >= 1, got {count}")
-
-
 
 def sum_rows(x, out=None):
     """x [N, D] summed over its rows -> [D] (the numpy kernels use a GEMV)."""

@@ -13,22 +13,14 @@ of a dozen passes over a multi-MiB activation streams it from memory a dozen tim
 multi-pass kernels here (activations and their gradients, layer normalization, the attention
 softmax, dropout masks, optimizer updates) instead run every pass on one block of about
 ``CHUNK`` elements (whole rows where a row is reduced) before the next block, so the passes
-read cache. And with ``set_threads(n)``, n > 1, the blocks of a large array (at least
-``PARALLEL_MIN`` elements) are handed out one at a time to the calling thread and n - 1 pool
-threads (numpy releases the GIL inside a ufunc loop), so the elementwise work uses the cores
-BLAS uses for the GEMMs; a pool thread the OS runs late simply takes fewer blocks. Neither
-changes a bit of any result: the math is elementwise, or reduces along a row that is never
-split, so each element is computed by the same operations in the same order whatever the
-blocks and threads (tests/engine/test_kernel_threads.py). GEMMs are not shared this way:
-OpenBLAS serializes calls made from several threads, so BLAS's own threads do that part.
+read cache. This changes no bit of any result: the math is elementwise, or reduces along a
+row that is never split, so each element is computed by the same operations in the same
+order whatever the block size (tests/engine/test_kernel_blocks.py).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -40,88 +32,9 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 CHUNK = 32768               # elements per block: a few arrays of it stay in a core's L2
 PHILOX_CHUNK = 4 * CHUNK    # dropout units per block: Philox makes ~50 ufunc calls per block
-PARALLEL_MIN = 4 * CHUNK    # arrays smaller than this are not worth a hand-off to another thread
 
 
-# --------------------------------------------------------------------------- blocks and threads
-class _Threads:
-    """How many threads the blocked kernels use, and the pool behind the extra ones."""
-
-    def __init__(self) -> None:
-        self.count = 1
-        self.pool: ThreadPoolExecutor | None = None
-        self.lock = threading.Lock()
-
-
-_THREADS = _Threads()
-
-
-def set_threads(count: int) -> None:
-    """Use ``count`` threads (the caller's plus count - 1 pool threads) for large elementwise work.
-
-    Results do not depend on it (see the module docstring). 1, the default (the runtime's
-    workers keep it), keeps every kernel in the calling thread; ``scripts/bench_engine.py`` sets
-    it to the thread count it gives BLAS and torch.
-    """
-    count = int(count)
-    if count < 1:
-        raise InvalidArgumentError(f"threads must be >= 1, got {count}")
-    with _THREADS.lock:
-        if count != _THREADS.count and _THREADS.pool is not None:
-            _THREADS.pool.shutdown(wait=True)
-            _THREADS.pool = None
-        _THREADS.count = count
-        if count > 1 and _THREADS.pool is None:
-            _THREADS.pool = ThreadPoolExecutor(max_workers=count - 1, thread_name_prefix="orchestrator-kernels")
-
-
-class _Blocks:
-    """``work(i)`` for i in range(count), each i taken by whichever thread asks next.
-
-    Dynamic, not pre-split: a pool thread that the OS schedules late (a busy machine) takes
-    fewer blocks, or none, and the caller waits only for blocks already being worked on.
-    """
-
-    def __init__(self, count: int, work) -> None:
-        self.count, self.work = count, work
-        self.claims = itertools.count()            # next() is atomic under the GIL
-        self.lock = threading.Lock()
-        self.left = count
-        self.finished = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            index = next(self.claims)
-            if index >= self.count:
-                return
-            try:
-                if self.error is None:
-                    self.work(index)
-            except BaseException as exc:  # handed to the caller, which re-raises it
-                self.error = exc
-            with self.lock:
-                self.left -= 1
-                if not self.left:
-                    self.finished.set()
-
-
-def _for_each(count: int, elements: int, work) -> None:
-    """``work(i)`` for every i in range(count), shared among the threads when ``elements`` is large."""
-    pool = _THREADS.pool
-    if count <= 1 or pool is None or elements < PARALLEL_MIN:
-        for index in range(count):
-            work(index)
-        return
-    job = _Blocks(count, work)
-    for _ in range(min(_THREADS.count, count) - 1):
-        pool.submit(job.run)
-    job.run()
-    job.finished.wait()
-    if job.error is not None:
-        raise job.error
-
-
+# --------------------------------------------------------------------------- blocks
 def _row_blocks(rows: int, width: int, chunk: int = CHUNK) -> list[slice]:
     """Slices of range(rows) holding about ``chunk`` elements each (rows of ``width``)."""
     step = max(1, chunk // max(width, 1))
@@ -134,9 +47,9 @@ def _as_rows(array: np.ndarray) -> np.ndarray:
 
 
 def _by_rows(rows: int, width: int, body, chunk: int = CHUNK) -> None:
-    """``body(row_slice)`` for every block of rows, the blocks shared among the threads."""
-    blocks = _row_blocks(rows, width, chunk)
-    _for_each(len(blocks), rows * width, lambda index: body(blocks[index]))
+    """``body(row_slice)`` for every block of rows, in order."""
+    for block in _row_blocks(rows, width, chunk):
+        body(block)
 
 
 # --------------------------------------------------------------------------- dropout
@@ -222,7 +135,7 @@ def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
     da2 = _as_rows(da)
     z2 = np.ascontiguousarray(z).reshape(da2.shape)
     mask2 = None if mask is None else mask.reshape(da2.shape)
-    local = threading.local()
+    scratch = []
 
     def body(rows: slice) -> None:
         db, zb = da2[rows], z2[rows]
@@ -231,10 +144,9 @@ def bias_act_dropout_grad(da: np.ndarray, z: np.ndarray, activation: str,
         if activation == "relu":
             np.multiply(db, zb > 0, out=db)
             return
-        scratch = getattr(local, "scratch", None)
-        if scratch is None or scratch.shape[1] < zb.shape[0]:
-            scratch = local.scratch = np.empty((3, *zb.shape), z.dtype)
-        slope, inner, square = (buffer[:zb.shape[0]] for buffer in scratch)
+        if not scratch:
+            scratch.append(np.empty((3, *zb.shape), z.dtype))      # the first block is the largest
+        slope, inner, square = (buffer[:zb.shape[0]] for buffer in scratch[0])
         if activation == "gelu":
             _gelu_grad_into(zb, slope, inner, square)
         else:
@@ -438,7 +350,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
 # The update rules run all their passes per block of CHUNK elements (1.6-2x faster for the
 # MLP's 784x625 kernel than whole-array passes, which stream it from memory each time).
 def _update(body, *arrays: np.ndarray) -> None:
-    """``body(*blocks, scratch)`` over the CHUNK-element blocks of ``arrays`` (shared among the threads).
+    """``body(*blocks, scratch)`` over the CHUNK-element blocks of ``arrays``, in order.
 
     Not C-contiguous (never the engine's own arrays): the whole arrays as one block.
     """
@@ -447,16 +359,10 @@ def _update(body, *arrays: np.ndarray) -> None:
         return
     size = arrays[0].size
     flat = [a.reshape(-1) for a in arrays]
-    local = threading.local()
-
-    def work(index: int) -> None:
-        block = slice(index * CHUNK, min((index + 1) * CHUNK, size))
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = np.empty((2, min(size, CHUNK)), arrays[0].dtype)
+    scratch = np.empty((2, min(size, CHUNK)), arrays[0].dtype)
+    for start in range(0, size, CHUNK):
+        block = slice(start, min(start + CHUNK, size))
         body(*(a[block] for a in flat), scratch[:, :block.stop - block.start])
-
-    _for_each(-(-size // CHUNK), size, work)
 
 
 def sgd_update(var: np.ndarray, grad: np.ndarray, lr: float) -> None:
