@@ -13,7 +13,7 @@ never copied, for the batched score and context products.
 The query, key and value projections run as one GEMM against the three kernels side by side
 ([D, 3*H*K], concatenated per step: 48 KiB for d_model 64), and so do their gradients
 (``x^T d_qkv``) and the input gradient (``d_qkv W^T``): 3 GEMMs instead of 9, whose head views
-the batched products read and write in place. The 1/sqrt(K) scale multiplies q ([B, H, T, K])
+the batched products read (and whose gradient views they fill). The 1/sqrt(K) scale multiplies q ([B, H, T, K])
 rather than the scores ([B, H, T, T], T/K times larger).
 
 With ``causal`` position t attends to positions <= t. Attention dropout draws its mask
@@ -106,16 +106,15 @@ class MultiHeadAttention(Layer):
             run.add_grad(self.biases["output"], ops.sum_rows(dout))
         dcontext = xp.matmul(dout, out_kernel.reshape(heads * key_dim, -1).T)
         dcontext = dcontext.reshape(batch, positions, heads, key_dim).transpose(0, 2, 1, 3)
-        d_qkv = xp.empty((batch, positions, 3, heads, key_dim), dtype=q.dtype)        # written by the products
-        dq, dk, dv = _heads(d_qkv)
-        xp.matmul(dropped.transpose(0, 1, 3, 2), dcontext, out=dv)
-        dprobs = xp.matmul(dcontext, v.transpose(0, 1, 3, 2))               # [B, H, T, T]
+        d_qkv = xp.empty((batch, positions, 3, heads, key_dim), dtype=q.dtype)        # the three grads side by side
+        dq, dk, dv = _heads(d_qkv)              # (written by assignment: cupy's batched matmul takes no out=)
+        dv[...] = xp.matmul(dropped.transpose(0, 1, 3, 2), dcontext)
+        dprobs = xp.matmul(dcontext, v.transpose(0, 1, 3, 2))                        # [B, H, T, T]
         if mask is not None:
             dprobs *= mask
         dscores = ops.attention_softmax_grad(dprobs, probs, 1.0)                      # d(scaled scores)
-        xp.matmul(dscores, k, out=dq)
-        dq *= dq.dtype.type(self.scale)
-        xp.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)                 # q holds the scale
+        xp.multiply(xp.matmul(dscores, k), dq.dtype.type(self.scale), out=dq)
+        dk[...] = xp.matmul(dscores.transpose(0, 1, 3, 2), q)                       # q holds the scale
         d_rows = d_qkv.reshape(batch * positions, -1)                               # [B*T, 3*H*K]
         kernel_grads = xp.matmul(rows.T, d_rows)                                     # [D, 3*H*K]: one GEMM
         bias_grads = ops.sum_rows(d_rows) if self.biases else None
