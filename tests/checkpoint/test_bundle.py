@@ -325,3 +325,20 @@ def test_big_tensor_round_trip_on_s3(s3_bucket, s3_options):
     r = reader.load_checkpoint(prefix, storage_options=s3_options)
     assert r.get_tensor("big").tobytes() == big.tobytes()
     r.verify()
+
+
+def test_a_fresh_process_reads_bfloat16_without_importing_ml_dtypes_first(tmp_path):
+    """ml_dtypes is imported on the first bfloat16 tensor (checkpoint/dtypes.bfloat16), in a
+    process that never imported it itself: values and dtype come back as written."""
+    import subprocess
+    import sys
+
+    writer.write_checkpoint(str(tmp_path / "model.ckpt-1"),
+                            {"b": np.array([1.5, -2.0, 3.0], ml_dtypes.bfloat16), "f": np.ones(2, np.float32)})
+    code = ("import sys; from orchestrator.checkpoint import load_checkpoint; "
+            "before = 'ml_dtypes' in sys.modules; r = load_checkpoint(sys.argv[1]); t = r.get_tensor('b'); "
+            "print(before, t.dtype, t.astype('float32').tolist())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.ckpt-1")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "bfloat16", "[1.5,", "-2.0,", "3.0]"]

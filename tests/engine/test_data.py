@@ -28,6 +28,34 @@ def test_digits_is_scaled_split_and_stratified():
     assert sum(r.tobytes() in rows for r in ds.test_x) < 5         # (digits has a few duplicate images)
 
 
+def test_digits_are_the_examples_scikit_learn_loads_in_the_same_order():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from orchestrator.engine.data import stratified_test_indices
+
+    pixels, labels = sklearn_digits(return_X_y=True)
+    test = stratified_test_indices(labels, 0.2, 0)
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    ds = load_dataset("digits")
+    assert ds.train_x.tobytes() == (pixels[train] / 16.0).astype(np.float32).tobytes()
+    assert ds.test_x.tobytes() == (pixels[test] / 16.0).astype(np.float32).tobytes()
+    assert ds.train_y.tolist() == labels[train].tolist() and ds.test_y.tolist() == labels[test].tolist()
+
+
+def test_starting_a_job_imports_neither_sklearn_nor_ml_dtypes():
+    """Start-up cost every job and worker pays: the digits file is read without importing
+    scikit-learn (scipy), and ml_dtypes waits for the first bfloat16 tensor."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import orchestrator.cli, orchestrator.cluster.worker; "
+            "from orchestrator.engine.data import load_dataset; load_dataset('digits'); "
+            "print(sorted(m for m in ('sklearn', 'scipy', 'ml_dtypes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_synthetic_is_deterministic_and_sized():
     a = load_dataset("synthetic", num_examples=300, input_dim=12, num_classes=4, seed=5)
     b = load_dataset("synthetic", num_examples=300, input_dim=12, num_classes=4, seed=5)
