@@ -254,7 +254,6 @@ def adam_update(var: cp.ndarray, m: cp.ndarray, v: cp.ndarray, grad: cp.ndarray,
     _adam_kernel(grad, t(lr_t), t(1) - t(beta1), t(1) - t(beta2), t(epsilon), var, m, v)
 
 
-
 def sum_rows(x, out=None):
     """x [N, D] summed over its rows -> [D] (the numpy kernels use a GEMV)."""
     return cp.sum(x, axis=0, out=out)
