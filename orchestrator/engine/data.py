@@ -142,12 +142,26 @@ def _digits_table() -> np.ndarray:
     for root in roots:
         path = os.path.join(root, "datasets", "data", "digits.csv.gz")
         if os.path.isfile(path):
-            with gzip.open(path, "rt", encoding="utf-8") as lines:
-                return np.loadtxt(lines, delimiter=",")
+            return read_digits_csv(path)
     from sklearn.datasets import load_digits as sklearn_digits
 
     data, target = sklearn_digits(return_X_y=True)
     return np.column_stack([data, target])
+
+
+def read_digits_csv(path: str) -> np.ndarray:
+    """The rows of a gzip'd digits CSV (64 pixel values and the label per row); a damaged
+    file is a ``DatasetError`` naming it, not a numpy traceback."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as lines:
+            table = np.loadtxt(lines, delimiter=",", ndmin=2)
+    except (OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"dataset 'digits': {path} is unreadable ({exc}); reinstall scikit-learn, "
+                           f"whose copy it is") from None
+    if table.shape[1] != 65:
+        raise DatasetError(f"dataset 'digits': {path} has {table.shape[1]} columns, expected 64 pixel values "
+                           f"and a label; reinstall scikit-learn, whose copy it is")
+    return table
 
 
 def stratified_test_indices(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

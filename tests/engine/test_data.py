@@ -42,6 +42,23 @@ def test_digits_are_the_examples_scikit_learn_loads_in_the_same_order():
     assert ds.train_y.tolist() == labels[train].tolist() and ds.test_y.tolist() == labels[test].tolist()
 
 
+def test_a_damaged_digits_file_is_named(tmp_path):
+    from orchestrator.engine.data import read_digits_csv
+
+    whole = gzip.compress(b"".join(b",".join([b"1"] * 64 + [b"3"]) + b"\n" for _ in range(4)))
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    narrow = tmp_path / "narrow.csv.gz"
+    narrow.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    with pytest.raises(DatasetError, match="cut.csv.gz is unreadable"):
+        read_digits_csv(str(cut))
+    with pytest.raises(DatasetError, match="narrow.csv.gz has 3 columns"):
+        read_digits_csv(str(narrow))
+    good = tmp_path / "good.csv.gz"
+    good.write_bytes(whole)
+    assert read_digits_csv(str(good)).shape == (4, 65)
+
+
 def test_starting_a_job_imports_neither_sklearn_nor_ml_dtypes():
     """Start-up cost every job and worker pays: the digits file is read without importing
     scikit-learn (scipy), and ml_dtypes waits for the first bfloat16 tensor."""
