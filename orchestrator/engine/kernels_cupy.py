@@ -44,8 +44,12 @@ _dropout_mask_kernel = cp.ElementwiseKernel(*cuda_sources.DROPOUT_MASK, "orch_dr
 
 
 def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
-                 shape: tuple[int, int], keep_prob: float, dtype) -> cp.ndarray:
-    """Scaled keep-mask [B, D]: 1/keep_prob where kept, 0 where dropped (see ``rng``)."""
+                 shape: tuple[int, int], keep_prob: float, dtype, blocks=None) -> cp.ndarray:
+    """Scaled keep-mask [B, D]: 1/keep_prob where kept, 0 where dropped (see ``rng``).
+
+    ``blocks`` (numpy's hint to draw only some Philox blocks) is ignored: every unit is drawn,
+    which a GPU does in one cheap pass; callers pass it only where the other units multiply zeros.
+    """
     dtype = np.dtype(dtype)
     mask = cp.empty(shape, dtype=dtype)
     _dropout_mask_kernel(np.uint64(seed), np.uint64(int(step) & 0xFFFFFFFFFFFFFFFF),

@@ -54,11 +54,17 @@ def _by_rows(rows: int, width: int, body, chunk: int = CHUNK) -> None:
 
 # --------------------------------------------------------------------------- dropout
 def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
-                 shape: tuple[int, int], keep_prob: float, dtype) -> np.ndarray:
+                 shape: tuple[int, int], keep_prob: float, dtype, blocks: np.ndarray | None = None) -> np.ndarray:
     """Scaled keep-mask [B, D]: 1/keep_prob where kept, 0 where dropped (see ``rng``).
 
     Drawn in blocks of examples (each example's bits depend on its global index only).
+    ``blocks`` (sorted Philox block indices ``unit // 8``; D a multiple of 8): draw only the units
+    of those blocks, each exactly as a full draw would, and leave every other unit 0. For callers
+    whose other units only ever multiply zeros (attention probabilities above the causal
+    diagonal), where any value there gives the same products (the cupy kernel draws them all).
     """
+    if blocks is not None:
+        return _dropout_mask_blocks(seed, step, layer, example_offset, shape, keep_prob, dtype, blocks)
     batch, units = shape
     mask = np.empty((batch, units), dtype=dtype)
     scale = mask.dtype.type(1.0 / keep_prob)
@@ -70,6 +76,24 @@ def dropout_mask(seed: int, step: int, layer: int, example_offset: int,
 
     _by_rows(batch, units, body, PHILOX_CHUNK)
     return mask
+
+
+def _dropout_mask_blocks(seed: int, step: int, layer: int, example_offset: int, shape: tuple[int, int],
+                         keep_prob: float, dtype, blocks: np.ndarray) -> np.ndarray:
+    batch, units = shape
+    per_block = rng.UNITS_PER_BLOCK
+    if units % per_block:
+        raise InvalidArgumentError(f"dropout_mask: blocks need a multiple of {per_block} units, got {units}")
+    mask = np.zeros((batch, units // per_block, per_block), dtype=dtype)
+    scale = mask.dtype.type(1.0 / keep_prob)
+
+    def body(rows: slice) -> None:
+        count = rows.stop - rows.start
+        keep = rng.keep_mask(seed, step, layer, example_offset + rows.start, count, 0, keep_prob, blocks)
+        mask[rows][:, blocks] = np.multiply(keep.reshape(count, len(blocks), per_block), scale)
+
+    _by_rows(batch, len(blocks) * per_block, body, PHILOX_CHUNK)
+    return mask.reshape(batch, units)
 
 
 def apply_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

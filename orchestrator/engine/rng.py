@@ -75,10 +75,20 @@ def seed_key(seed: int) -> tuple[int, int]:
 
 
 def random_bits(seed: int, step: int, layer: int, example_offset: int,
-                batch: int, units: int) -> np.ndarray:
-    """uint16 bits [batch, units] for examples ``example_offset + i`` and units ``j``."""
-    groups = (units + UNITS_PER_BLOCK - 1) // UNITS_PER_BLOCK
-    unit_group = np.arange(groups, dtype=np.uint64)[None, :]                                    # [1, G]
+                batch: int, units: int, blocks: np.ndarray | None = None) -> np.ndarray:
+    """uint16 bits [batch, units] for examples ``example_offset + i`` and units ``j``.
+
+    With ``blocks`` (Philox block indices, i.e. ``unit // 8``), only those blocks are drawn:
+    bits [batch, 8 * len(blocks)], block ``blocks[g]``'s 8 units at columns 8g .. 8g + 7, each
+    the same bits as the full draw gives that unit (``units`` is then unused).
+    """
+    if blocks is None:
+        groups = (units + UNITS_PER_BLOCK - 1) // UNITS_PER_BLOCK
+        unit_group = np.arange(groups, dtype=np.uint64)[None, :]                                # [1, G]
+    else:
+        groups = len(blocks)
+        unit_group = np.asarray(blocks, dtype=np.uint64)[None, :]                              # [1, G]
+        units = groups * UNITS_PER_BLOCK
     example = np.arange(example_offset, example_offset + batch, dtype=np.uint64)[:, None] & _MASK32  # [B, 1]
     counter = (unit_group, example, int(step) & 0xFFFFFFFF, int(layer) & 0xFFFFFFFF)
     words = np.empty((batch, groups, 4), dtype=np.uint32)                                       # [B, G, 4]
@@ -137,10 +147,10 @@ def _halves(product: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def keep_mask(seed: int, step: int, layer: int, example_offset: int,
-              batch: int, units: int, keep_prob: float) -> np.ndarray:
-    """Boolean dropout keep-mask [batch, units] (True = unit kept)."""
+              batch: int, units: int, keep_prob: float, blocks: np.ndarray | None = None) -> np.ndarray:
+    """Boolean dropout keep-mask [batch, units] (True = unit kept); ``blocks`` as in ``random_bits``."""
     threshold = np.uint16(keep_threshold(keep_prob))
-    return random_bits(seed, step, layer, example_offset, batch, units) < threshold
+    return random_bits(seed, step, layer, example_offset, batch, units, blocks) < threshold
 
 
 PLUGIN_STREAM_BIT = 0x80000000  # plug-in streams never collide with the built-in dropout layer ids

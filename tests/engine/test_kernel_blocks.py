@@ -59,3 +59,16 @@ def test_tiny_blocks_train_bit_identically(name, monkeypatch):
     blocked = _train(spec, optimizer)
     assert blocked.keys() == reference.keys()
     assert [name for name in reference if blocked[name] != reference[name]] == []
+
+
+def test_causal_attention_masks_drawn_below_the_diagonal_train_bit_identically(monkeypatch):
+    """Causal attention draws dropout bits only for the mask blocks holding a visible key (the
+    others multiply zero probabilities): the same parameters, bit for bit, as drawing them all."""
+    from orchestrator.engine.layers import attention
+
+    spec = TransformerSpec(vocab=11, context=16, d_model=16, heads=2, layers=1, dropout=0.3)
+    assert len(attention.causal_blocks(2, 16, 16)) < 2 * 16 * 16 // 8
+    partial = _train(spec, "adam")
+    monkeypatch.setattr(attention, "causal_blocks", lambda *shape: None)
+    full = _train(spec, "adam")
+    assert [name for name in full if partial[name] != full[name]] == []

@@ -148,3 +148,19 @@ def test_summed_slice_gradients_equal_full_batch(case, world_size, backend):
     for name in model.param_names:
         np.testing.assert_allclose(total[name], backend.to_host(full[name]), rtol=1e-10, atol=1e-13,
                                    err_msg=name)
+
+
+def test_causal_dropout_mask_blocks_cover_every_visible_key():
+    from orchestrator.engine import kernels_numpy
+    from orchestrator.engine.layers.attention import causal_blocks
+
+    heads, queries, keys = 3, 12, 20                                    # keys > queries: a prefix visible
+    blocks = causal_blocks(heads, queries, keys)
+    full = kernels_numpy.dropout_mask(5, 2, 1, 7, (4, heads * queries * keys), 0.5, np.float32)
+    part = kernels_numpy.dropout_mask(5, 2, 1, 7, (4, heads * queries * keys), 0.5, np.float32, blocks)
+    visible = np.tril(np.ones((queries, keys), bool), k=keys - queries)
+    visible = np.broadcast_to(visible, (heads, queries, keys)).reshape(-1)
+    np.testing.assert_array_equal(part[:, visible], full[:, visible])
+    drawn = np.zeros(heads * queries * keys // 8, bool)
+    drawn[blocks] = True
+    assert (part[:, ~np.repeat(drawn, 8)] == 0).all() and not drawn.all()

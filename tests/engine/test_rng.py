@@ -83,3 +83,11 @@ def test_keep_threshold_rejects_bad_probabilities():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="keep_prob"):
             rng.keep_threshold(bad)
+
+
+def test_chosen_blocks_draw_the_full_draws_bits():
+    full = rng.random_bits(seed=9, step=4, layer=3, example_offset=17, batch=5, units=96)
+    blocks = np.array([0, 3, 4, 11])
+    part = rng.random_bits(seed=9, step=4, layer=3, example_offset=17, batch=5, units=0, blocks=blocks)
+    assert part.shape == (5, 32)
+    np.testing.assert_array_equal(part.reshape(5, 4, 8), full.reshape(5, 12, 8)[:, blocks])

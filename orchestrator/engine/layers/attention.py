@@ -17,13 +17,19 @@ the batched products read (and whose gradient views they fill). The 1/sqrt(K) sc
 rather than the scores ([B, H, T, T], T/K times larger).
 
 With ``causal`` position t attends to positions <= t. Attention dropout draws its mask
-from this layer's dropout site, per example, like every other dropout.
+from this layer's dropout site, per example, like every other dropout; with ``causal`` the
+numpy kernels draw only the mask units at or below the diagonal (``causal_blocks``), the same
+bits there as a full draw, since the units above it only ever multiply zero probabilities.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
+
+from orchestrator.engine import rng
 from orchestrator.engine.layers.base import (
     Builder, Layer, Option, Shape, boolean, optional_positive_int, positive_int, rate, register,
 )
@@ -74,7 +80,8 @@ class MultiHeadAttention(Layer):
         q *= q.dtype.type(self.scale)       # the 1/sqrt(K) of the scores, on q: a quarter of the elements
         probs = ops.attention_softmax(xp.matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
                                       self.config["causal"])                         # [B, H, T, T]
-        mask = run.dropout_mask(self.site, probs.shape, 1.0 - self.config["dropout"], probs.dtype)
+        blocks = causal_blocks(*probs.shape[1:]) if self.config["causal"] else None
+        mask = run.dropout_mask(self.site, probs.shape, 1.0 - self.config["dropout"], probs.dtype, blocks)
         dropped = probs if mask is None else ops.apply_mask(probs, mask)
         context = xp.matmul(dropped, v)                                     # [B, H, T, K]
         context = context.transpose(0, 2, 1, 3).reshape(batch * positions, -1)       # [B*T, H*K]
@@ -128,6 +135,28 @@ class MultiHeadAttention(Layer):
         if not need_dx:
             return None
         return xp.matmul(d_rows, kernel.T).reshape(dy.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_blocks(heads: int, queries: int, keys: int) -> np.ndarray | None:
+    """The Philox blocks (``unit // 8``) of one example's [H, T, S] probabilities holding a visible key.
+
+    Probabilities of future keys are exactly 0, and so is everything computed from their mask
+    units (the forward product, and the softmax gradient, which multiplies by the probability),
+    so only these blocks need random bits: 56 % of them for T = S = 64. None when every block
+    has a visible key or the units are not whole blocks (then the whole mask is drawn).
+    """
+    per_block = rng.UNITS_PER_BLOCK
+    units = heads * queries * keys
+    if units % per_block:
+        return None
+    visible = np.tril(np.ones((queries, keys), dtype=bool), k=keys - queries)
+    per_unit = np.broadcast_to(visible, (heads, queries, keys)).reshape(-1, per_block)
+    blocks = np.flatnonzero(per_unit.any(axis=1))
+    if len(blocks) == len(per_unit):
+        return None
+    blocks.flags.writeable = False
+    return blocks
 
 
 def _heads(qkv):

@@ -184,17 +184,19 @@ class Pass:
     example_offset: int = 0
     grads: dict[str, Any] = field(default_factory=dict)
 
-    def dropout_mask(self, site: int, shape_: Shape, keep_prob: float, dtype: Any) -> Any | None:
+    def dropout_mask(self, site: int, shape_: Shape, keep_prob: float, dtype: Any,
+                     blocks: Any = None) -> Any | None:
         """Scaled keep-mask of ``shape_`` (batch first) for dropout site ``site``, None when not training.
 
         Units are the flattened per-example positions, so the mask of example i depends only
         on (seed, step, site, example_offset + i): any split of the batch draws the same bits.
+        ``blocks``: the only Philox blocks whose units matter (``ops.dropout_mask``).
         """
         if not self.train or keep_prob >= 1.0:
             return None
         batch, units = shape_[0], int(np.prod(shape_[1:], dtype=np.int64))
         mask = self.ops.dropout_mask(self.seed, self.step, site, self.example_offset, (batch, units),
-                                     keep_prob, dtype)
+                                     keep_prob, dtype, blocks)
         return mask.reshape(shape_)
 
     def add_grad(self, name: str, value: Any) -> None:
