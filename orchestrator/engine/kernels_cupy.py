@@ -196,20 +196,25 @@ def layer_norm_grad(dy: cp.ndarray, xhat: cp.ndarray, rstd: cp.ndarray,
     return dy, dgamma, dbeta
 
 
-def attention_softmax(scores: cp.ndarray, scale: float, causal: bool) -> cp.ndarray:
-    """softmax(scale * scores) over the last axis, future keys masked when ``causal``; in place."""
+def attention_softmax(scores: cp.ndarray, scale: float, causal: bool,
+                      mask: cp.ndarray | None = None) -> tuple[cp.ndarray, cp.ndarray]:
+    """softmax(scale * scores) over the last axis, future keys masked when ``causal``, in place;
+    returns (probs, dropped): dropped = probs * mask (dropout, a new array), or probs without a mask."""
     scores = cp.ascontiguousarray(scores)          # matmul output: already contiguous, no copy
     queries, keys = scores.shape[-2], scores.shape[-1]
     rows = scores.size // keys
     _launch_rows("attention_softmax", "orch_attention_softmax", rows, scores.dtype,
                  (scores, np.int32(rows), np.int32(queries), np.int32(keys), scores.dtype.type(scale),
                   np.int32(1 if causal else 0)))
-    return scores
+    return scores, (scores if mask is None else cp.multiply(scores, mask))
 
 
-def attention_softmax_grad(dprobs: cp.ndarray, probs: cp.ndarray, scale: float) -> cp.ndarray:
-    """d(scores) = scale * probs * (dprobs - sum(dprobs * probs)), written over ``dprobs``."""
+def attention_softmax_grad(dprobs: cp.ndarray, probs: cp.ndarray, scale: float,
+                           mask: cp.ndarray | None = None) -> cp.ndarray:
+    """d(scores) = scale * probs * (g - sum(g * probs)), g = dprobs * mask (dropout), written over ``dprobs``."""
     dprobs = cp.ascontiguousarray(dprobs)
+    if mask is not None:
+        dprobs *= mask
     keys = dprobs.shape[-1]
     rows = dprobs.size // keys
     _launch_rows("attention_softmax", "orch_attention_softmax_grad", rows, dprobs.dtype,

@@ -78,11 +78,11 @@ class MultiHeadAttention(Layer):
             qkv += bias
         q, k, v = _heads(qkv.reshape(batch, positions, 3, *self._heads_shape(params)))  # [B, H, T, K] views
         q *= q.dtype.type(self.scale)       # the 1/sqrt(K) of the scores, on q: a quarter of the elements
-        probs = ops.attention_softmax(xp.matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
-                                      self.config["causal"])                         # [B, H, T, T]
-        blocks = causal_blocks(*probs.shape[1:]) if self.config["causal"] else None
-        mask = run.dropout_mask(self.site, probs.shape, 1.0 - self.config["dropout"], probs.dtype, blocks)
-        dropped = probs if mask is None else ops.apply_mask(probs, mask)
+        shape = (batch, q.shape[1], positions, positions)                           # [B, H, T, T]
+        blocks = causal_blocks(*shape[1:]) if self.config["causal"] else None
+        mask = run.dropout_mask(self.site, shape, 1.0 - self.config["dropout"], q.dtype, blocks)
+        probs, dropped = ops.attention_softmax(xp.matmul(q, k.transpose(0, 1, 3, 2)), 1.0,
+                                               self.config["causal"], mask)         # dropped = probs * mask
         context = xp.matmul(dropped, v)                                     # [B, H, T, K]
         context = context.transpose(0, 2, 1, 3).reshape(batch * positions, -1)       # [B*T, H*K]
         out_kernel = params[self.kernels["output"]]
@@ -117,9 +117,7 @@ class MultiHeadAttention(Layer):
         dq, dk, dv = _heads(d_qkv)              # (written by assignment: cupy's batched matmul takes no out=)
         dv[...] = xp.matmul(dropped.transpose(0, 1, 3, 2), dcontext)
         dprobs = xp.matmul(dcontext, v.transpose(0, 1, 3, 2))                        # [B, H, T, T]
-        if mask is not None:
-            dprobs *= mask
-        dscores = ops.attention_softmax_grad(dprobs, probs, 1.0)                      # d(scaled scores)
+        dscores = ops.attention_softmax_grad(dprobs, probs, 1.0, mask)                # d(scaled scores)
         xp.multiply(xp.matmul(dscores, k), dq.dtype.type(self.scale), out=dq)
         dk[...] = xp.matmul(dscores.transpose(0, 1, 3, 2), q)                       # q holds the scale
         d_rows = d_qkv.reshape(batch * positions, -1)                               # [B*T, 3*H*K]
