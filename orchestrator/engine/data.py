@@ -133,7 +133,7 @@ def _digits_table() -> np.ndarray:
     """The digits as scikit-learn ships them: 1797 rows of 64 pixel values (0-16) and the label.
 
     Read straight from the package's ``datasets/data/digits.csv.gz``: importing
-    ``sklearn.datasets`` pulls in scipy and takes about 3 s, paid by every digits job's start
+    ``sklearn.datasets`` pulls in scipy and takes about a second, paid by every digits job's start
     (and by every test that runs one) for a 60 KB file. The same parse scikit-learn does
     (``np.loadtxt`` of the decompressed CSV); its loader is the fallback should the file move.
     """

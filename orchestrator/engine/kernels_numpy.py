@@ -277,9 +277,18 @@ def layer_norm_grad(dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray,
 
 # --------------------------------------------------------------------------- attention softmax
 @functools.lru_cache(maxsize=32)
+def causal_visible(queries: int, keys: int) -> np.ndarray:
+    """[T, S] bool: True where query t may see key s (s <= t + S - T): the one causal rule, read by
+    the softmax's bias below and by the attention layer choosing which dropout blocks to draw."""
+    visible = np.tril(np.ones((queries, keys), dtype=bool), k=keys - queries)
+    visible.flags.writeable = False
+    return visible
+
+
+@functools.lru_cache(maxsize=32)
 def _causal_bias(queries: int, keys: int, dtype: np.dtype) -> np.ndarray:
-    """[T, S]: 0 where query t may see key s (s <= t + S - T), -inf elsewhere."""
-    bias = np.triu(np.full((queries, keys), -np.inf, dtype=dtype), k=1 + keys - queries)
+    """[T, S]: 0 where the query may see the key (``causal_visible``), -inf elsewhere."""
+    bias = np.where(causal_visible(queries, keys), dtype.type(0), dtype.type(-np.inf)).astype(dtype)
     bias.flags.writeable = False
     return bias
 

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from orchestrator.engine import rng
+from orchestrator.engine import kernels_numpy, rng
 from orchestrator.engine.layers.base import (
     Builder, Layer, Option, Shape, boolean, optional_positive_int, positive_int, rate, register,
 )
@@ -148,7 +148,7 @@ def causal_blocks(heads: int, queries: int, keys: int) -> np.ndarray | None:
     units = heads * queries * keys
     if units % per_block:
         return None
-    visible = np.tril(np.ones((queries, keys), dtype=bool), k=keys - queries)
+    visible = kernels_numpy.causal_visible(queries, keys)                # the softmax's own rule
     per_unit = np.broadcast_to(visible, (heads, queries, keys)).reshape(-1, per_block)
     blocks = np.flatnonzero(per_unit.any(axis=1))
     if len(blocks) == len(per_unit):
