@@ -17,7 +17,8 @@ Workloads (float32, the same model, loss, optimizer and batch gather on both sid
 Speed: both sides run the same number of steps after the same warm-up, with the same
 thread count (numpy's BLAS threads via threadpoolctl, ``torch.set_num_threads``). Timed
 blocks alternate (engine, torch, engine, ...) so that load from other processes hits both
-sides alike; each side's median block throughput is reported, and the ratio engine / torch.
+sides alike, and each starts on a settled machine (a pause, then two untimed steps: see
+``compare``); each side's median block throughput is reported, and the ratio engine / torch.
 
 Memory: each (workload, side) also runs alone in a fresh child process that resets the
 kernel's peak-RSS mark (``/proc/self/clear_refs``) after imports and data loading, then
@@ -75,6 +76,8 @@ CNN = SequentialSpec(input_shape=(8, 8, 1), num_classes=10, layers=[
 CONTEXT, D_MODEL, HEADS, BLOCKS, DROPOUT = 64, 64, 4, 2, 0.1
 ADAM = dict(learning_rate=3e-3, beta1=0.9, beta2=0.999, epsilon=1e-8)
 BATCH = {"mlp": 128, "cnn": 64, "transformer": 32}
+SETTLE_S = 0.3        # idle before each timed block: longer than OpenBLAS's ~0.1 s of spinning
+SETTLE_STEPS = 2      # untimed steps that wake the block's own threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="timed blocks per side, alternating")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--settle", type=float, default=SETTLE_S,
+                        help="seconds of idle before each timed block (the other side's threads stop spinning)")
     parser.add_argument("--threads", type=int, default=None,
                         help="BLAS / torch threads (default: numpy's current BLAS thread count)")
     parser.add_argument("--examples", type=int, default=10000, help="synthetic dataset size (mlp)")
@@ -233,13 +238,25 @@ def steps_per_second(step, sync, steps: int) -> float:
 
 
 def compare(sides: dict, args) -> dict[str, float]:
-    """Median steps/s per side over ``args.rounds`` alternating blocks, after warm-up."""
+    """Median steps/s per side over ``args.rounds`` alternating blocks, after warm-up.
+
+    Each timed block starts on a settled machine: ``args.settle`` seconds idle, then
+    ``SETTLE_STEPS`` untimed steps of that side. Without the pause a block inherits the
+    other side's spinning threads (OpenBLAS's idle workers spin for up to ~0.1 s after a
+    GEMM, libgomp's too): measured here, PyTorch's MLP step took 25 ms instead of 7 in the
+    first 50 ms after a numpy GEMM, and its 30-step blocks ran at 9.7 ms a step right after
+    an engine block against 6.4 ms after a pause, while the engine lost nothing after
+    PyTorch's blocks. So the unsettled alternation (before 2026-12-02) flattered the engine.
+    """
     for step, _ in sides.values():
         for _ in range(args.warmup):
             step()
     blocks = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, (step, sync) in sides.items():
+            time.sleep(args.settle)
+            for _ in range(SETTLE_STEPS):
+                step()
             blocks[name].append(steps_per_second(step, sync, args.steps))
     return {name: float(np.median(values)) for name, values in blocks.items()}
 
@@ -351,7 +368,8 @@ def main(argv=None) -> None:
     try:
         print(f"threads: {threads} (numpy BLAS via threadpoolctl = torch.set_num_threads); torch {torch.__version__}; "
               f"numpy {np.__version__}; {os.cpu_count()} cores, {args.busy} spinning processes; "
-              f"{args.warmup} warm-up steps, then {args.rounds} alternating blocks of {args.steps} steps per side")
+              f"{args.warmup} warm-up steps, then {args.rounds} alternating blocks of {args.steps} steps per side, "
+              f"each after {args.settle:g} s idle and {SETTLE_STEPS} untimed steps")
         for workload in args.workloads:
             dataset = workload_data(workload, args)
             with threadpool_limits(limits=threads, user_api="blas"):

@@ -25,6 +25,7 @@ import numpy as np
 from orchestrator.checkpoint.errors import CheckpointNotFoundError
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.engine import protocol
+from orchestrator.engine.host_memory import retain_freed_memory
 from orchestrator.engine.data import Dataset, Sampler
 from orchestrator.engine.optimizers import Optimizer
 
@@ -114,6 +115,8 @@ class TrainStep:
         self.rank, self.world = rank, world
         self.before_update, self.xp = before_update, xp
         self.reuse_buffers = accepts_reuse_buffers(model)
+        if xp is np:
+            retain_freed_memory()       # host arrays: keep each step's freed memory for the next
 
     def __call__(self, step: int, exchange: Exchange) -> SliceMetrics:
         local, offset = self.sampler.split(self.sampler.next_batch(), self.rank, self.world)

@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
 def _run(monkeypatch, capsys, *extra):
     pytest.importorskip("torch", reason="torch is the benchmark-only 'bench' extra")
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--steps", "2", "--rounds", "1", "--warmup", "1",
-                                      "--threads", "1", "--examples", "300", *extra])
+                                      "--threads", "1", "--examples", "300", "--settle", "0.01", *extra])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     return capsys.readouterr().out
 

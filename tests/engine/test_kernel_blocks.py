@@ -72,3 +72,14 @@ def test_causal_attention_masks_drawn_below_the_diagonal_train_bit_identically(m
     monkeypatch.setattr(attention, "causal_blocks", lambda *shape: None)
     full = _train(spec, "adam")
     assert [name for name in full if partial[name] != full[name]] == []
+
+
+@pytest.mark.parametrize("width", [7, 16, 64, 103, 256])
+def test_row_sums_depend_on_the_row_alone(width):
+    """``sum_last`` (layer norm's means, the softmax's and the loss's normalizers): a row's sum is the
+    same bits whatever rows come with it, as in a block, a worker's slice or a single example."""
+    rows = np.random.default_rng(width).standard_normal((1000, width)).astype(np.float32)
+    full = kernels_numpy.sum_last(rows)
+    for start, count in [(0, 1), (3, 2), (7, 3), (100, 13), (1, 511), (488, 512)]:
+        assert full[start:start + count].tobytes() == kernels_numpy.sum_last(rows[start:start + count]).tobytes()
+    np.testing.assert_allclose(full, rows.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-4)
