@@ -25,8 +25,8 @@ import numpy as np
 from orchestrator.checkpoint.errors import CheckpointNotFoundError
 from orchestrator.checkpoint.variables import Variable
 from orchestrator.engine import protocol
-from orchestrator.engine.host_memory import retain_freed_memory
 from orchestrator.engine.data import Dataset, Sampler
+from orchestrator.engine.host_memory import retain_freed_memory
 from orchestrator.engine.optimizers import Optimizer
 
 GLOBAL_STEP = "global_step"
