@@ -18,6 +18,9 @@ leaves nothing behind, whichever entry point it came through.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from orchestrator.checkpoint import bundle, commit
 from orchestrator.checkpoint.errors import InvalidCheckpointWriteError, SaveFailedError, UnsupportedDtypeError
-from orchestrator.checkpoint.storage import Storage
+from orchestrator.checkpoint.storage import TEMP_MARKER, Storage
 from orchestrator.checkpoint.variables import Variable, to_host
 
 MAX_WRITER_THREADS = 8
@@ -102,7 +105,54 @@ def save(storage: Storage, prefix: str, tensors: Mapping[str, Any], num_shards: 
     Raises ``SaveFailedError`` (nothing committed, nothing left behind) if any shard or the
     index fails. The state file is not touched (the Saver's and the manager's job).
     """
+    if storage.exists(commit.index_path(prefix)):
+        return _save_over(storage, prefix, tensors, num_shards)
     results = write_shards(storage, prefix, tensors, num_shards)
     commit.commit_index(prefix, results, storage)
+    return results
+
+
+def _save_over(storage: Storage, prefix: str, tensors: Mapping[str, Any],
+               num_shards: int) -> list[bundle.ShardResult]:
+    """Replace the committed checkpoint at ``prefix`` (a Saver saving without ``global_step``).
+
+    Written in place, the new shards would replace the old data files one by one, and a
+    shard failing after another had landed would leave the old index over missing or
+    foreign data. So the shards are written and checked under a staging prefix in the
+    same directory (``<prefix>.tmp-<hex>``: uncommitted data that start-up cleanup
+    removes after a crash); only when all of them are whole is the old index removed,
+    the shards renamed into place and the new index written. A failure while writing
+    leaves the old checkpoint untouched.
+    """
+    staging = f"{prefix}{TEMP_MARKER}{secrets.token_hex(6)}"
+    try:
+        staged = write_shards(storage, staging, tensors, num_shards)
+    except SaveFailedError as exc:
+        raise SaveFailedError(prefix, exc.failures) from None
+    try:
+        commit.check_shards(staging, staged, storage)
+    except SaveFailedError as exc:
+        commit.remove_data(staged, storage)
+        raise SaveFailedError(prefix, exc.failures) from None
+    old_data = [path for path, _, count in commit.DirectoryListing.of(storage.dirname(prefix), storage)
+                .data.get(prefix, []) if count != num_shards]  # an old layout the new files do not replace
+    try:
+        storage.rm(commit.index_path(prefix))  # uncommit the old checkpoint: its data files are replaced next
+    except Exception as exc:
+        commit.remove_data(staged, storage)
+        raise SaveFailedError(prefix, {"index": exc}) from exc
+    results = []
+    for shard in staged:
+        final = bundle.data_filename(prefix, shard.shard_id, shard.num_shards)
+        try:
+            storage.rename(shard.data_path, final)
+        except Exception as exc:
+            commit.remove_data(staged + results, storage)
+            raise SaveFailedError(prefix, {shard.shard_id: exc}) from exc
+        results.append(dataclasses.replace(shard, data_path=final))
+    commit.commit_index(prefix, results, storage)
+    for path in old_data:  # best effort: the new checkpoint is committed already
+        with contextlib.suppress(Exception):
+            storage.rm(path)
     return results
 

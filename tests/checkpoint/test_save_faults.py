@@ -177,3 +177,38 @@ def test_failed_fsync_of_the_state_file_is_a_typed_error_after_the_commit_point(
             manager.save(tensors(2), step=2)
     assert info.value.prefix == manager.prefix_for(2) and "[Errno 5]" in str(info.value)
     assert state.latest_checkpoint(ROOT) == manager.prefix_for(1)  # the state file was not replaced
+
+
+@pytest.mark.parametrize("with_step", [False, True])
+def test_saver_failing_over_the_same_prefix_keeps_the_previous_checkpoint_whole(with_step):
+    # TF1's `saver.save(sess, "model.ckpt")` (no global_step) saves to one prefix every time:
+    # a failed re-save must not destroy the checkpoint it was about to replace.
+    var = Variable("x", np.arange(4, dtype=np.float32))
+    saver = Saver([var, Variable("y", np.ones(3, np.float32))], num_shards=2)
+    step = 7 if with_step else None
+    first = saver.save(ROOT + "/model.ckpt", global_step=step)
+    before = contents(files(ROOT))
+    var.assign(np.full(4, 9, np.float32))
+    with injected(FaultPlan().fail_write(r"model\.ckpt.*\.data-00001-of-00002", errno.ENOSPC)) as plan:
+        with pytest.raises(SaveFailedError) as info:
+            saver.save(ROOT + "/model.ckpt", global_step=step)
+    assert plan.fired == 1
+    assert info.value.prefix == first
+    assert contents(files(ROOT)) == before
+    assert state.latest_checkpoint(ROOT) == first
+    restored = Variable("x", np.zeros(4, np.float32))
+    Saver([restored]).restore(first)
+    assert restored.numpy().tolist() == [0, 1, 2, 3]
+
+
+def test_saver_over_the_same_prefix_replaces_it_when_the_save_succeeds():
+    var = Variable("x", np.arange(4, dtype=np.float32))
+    first = Saver([var, Variable("y", np.ones(3, np.float32))], num_shards=3).save(ROOT + "/model.ckpt")
+    var.assign(np.full(4, 9, np.float32))
+    assert Saver([var], num_shards=2).save(ROOT + "/model.ckpt") == first
+    with reader.CheckpointReader(first) as ckpt:
+        ckpt.verify()
+        assert ckpt.get_tensor("x").tolist() == [9, 9, 9, 9]
+        assert ckpt.keys() == ["x"]
+    assert sorted(p.rsplit("/", 1)[1] for p in files(ROOT)) == [
+        "checkpoint", "model.ckpt.data-00000-of-00002", "model.ckpt.data-00001-of-00002", "model.ckpt.index"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import reader, state
-from orchestrator.checkpoint.errors import CheckpointNotFoundError
+from orchestrator.checkpoint.errors import CheckpointNotFoundError, UnsupportedDtypeError
 from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
 from orchestrator.checkpoint.variables import Variable
 
@@ -230,3 +230,19 @@ def test_structure_record_is_saved_with_the_variables_and_checked(tmp_path):
     with pytest.raises(TypeError, match="structure must be a model"):
         Saver([kernel], structure="mlp")
     assert STRUCTURE_KEY not in Saver([kernel, bias]).tensors()
+
+
+def test_unsaveable_variable_in_a_resave_leaves_the_previous_checkpoint_whole(tmp_path):
+    # One shard can be written, the other cannot: the one that was written must not have
+    # replaced (and then taken down) the previous checkpoint's data file of the same name.
+    big = Variable("a", np.ones(1000, np.float32))
+    first = Saver([big, Variable("b", np.ones(10, np.float32))], num_shards=2).save(str(tmp_path / "model.ckpt"))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    big.assign(np.full(1000, 2, np.float32))
+    bad = Variable("b", np.array(["2020-01-01"], "datetime64[D]"))
+    with pytest.raises(UnsupportedDtypeError, match="'b'"):
+        Saver([big, bad], num_shards=2).save(str(tmp_path / "model.ckpt"))
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    assert state.latest_checkpoint(str(tmp_path)) == first
+    with reader.load_checkpoint(str(tmp_path)) as ckpt:
+        assert ckpt.get_tensors()["a"].tolist() == [1] * 1000
