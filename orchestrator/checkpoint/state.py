@@ -73,7 +73,7 @@ def get_checkpoint_state(directory: str, latest_filename: str = DEFAULT_FILENAME
     path = Storage.join(directory, latest_filename)
     try:
         text = storage.read_bytes(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such directory, or a file: no state (as TF)
         return None
     return _contained_state(_parse(text, path), directory, path)
 

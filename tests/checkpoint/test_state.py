@@ -61,6 +61,13 @@ def test_no_state_file_means_none(tmp_path):
     assert state.latest_checkpoint(str(tmp_path)) is None
 
 
+def test_a_file_given_as_the_directory_has_no_state_like_tensorflow(tmp_path):
+    # tf.train.latest_checkpoint / get_checkpoint_state return None for a path that is a file
+    (tmp_path / "model.ckpt-1.index").write_bytes(b"not a directory")
+    assert state.get_checkpoint_state(str(tmp_path / "model.ckpt-1.index")) is None
+    assert state.latest_checkpoint(str(tmp_path / "model.ckpt-1.index")) is None
+
+
 @pytest.mark.parametrize("text", ['model_checkpoint_path: "unterminated\n', "bogus_field: 1\n", "\xff\xfe", ""])
 def test_unparseable_or_empty_state_names_the_file(tmp_path, text):
     (tmp_path / "checkpoint").write_bytes(text.encode("latin-1"))
