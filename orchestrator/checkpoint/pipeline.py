@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -33,6 +34,19 @@ from orchestrator.checkpoint.variables import Variable, to_host
 
 MAX_WRITER_THREADS = 8
 _CALLER_ERRORS = (InvalidCheckpointWriteError, UnsupportedDtypeError)
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse a save path that ends in a separator: it names a directory, not a checkpoint prefix.
+
+    Normalised, ``run/ckpt/`` would become the prefix ``run/ckpt``: its files would land next to
+    the directory and the Saver would replace the parent directory's state file.
+    """
+    text = os.fspath(prefix)
+    if text.endswith(("/", os.sep)):
+        raise InvalidCheckpointWriteError(
+            f"save path {text!r} ends with a separator and names a directory; give a checkpoint prefix "
+            f"inside it, e.g. {text + 'model.ckpt'!r}")
 
 
 def plan_shards(sizes: Mapping[str, int], num_shards: int) -> list[list[str]]:

@@ -162,6 +162,7 @@ class Saver:
         ``StateUpdateError`` if the checkpoint committed but the state file update or an
         expired checkpoint's deletion failed.
         """
+        pipeline.check_prefix(save_path)
         storage, path = Storage.for_path(save_path, self.storage_options, self.fsync)
         prefix = checkpoint_prefix(path, global_step)
         pipeline.save(storage, prefix, self.tensors(), self.num_shards)

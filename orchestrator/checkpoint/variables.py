@@ -34,7 +34,9 @@ class Variable:
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"Variable name must be a non-empty string, got {name!r}")
         self.name = name
-        self.value = value
+        # numpy/cupy arrays are kept as they are; a Python scalar or list becomes a numpy array
+        # (as tf.Variable(3.5) does), since shape, dtype and assign need an array
+        self.value = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
         self.trainable = trainable
 
     @property

@@ -24,6 +24,7 @@ def write_checkpoint(prefix: str, tensors: Mapping[str, Any], num_shards: int = 
     Raises ``SaveFailedError`` naming every failed shard if any shard or the index fails;
     then nothing was committed and nothing is left behind.
     """
+    pipeline.check_prefix(prefix)
     storage, path = Storage.for_path(prefix, storage_options)
     pipeline.save(storage, path, tensors, num_shards)
     return os.fspath(prefix)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import reader, state
-from orchestrator.checkpoint.errors import CheckpointNotFoundError, UnsupportedDtypeError
+from orchestrator.checkpoint.errors import CheckpointNotFoundError, InvalidCheckpointWriteError, UnsupportedDtypeError
+from orchestrator.checkpoint.writer import write_checkpoint
 from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
 from orchestrator.checkpoint.variables import Variable
 
@@ -246,3 +247,32 @@ def test_unsaveable_variable_in_a_resave_leaves_the_previous_checkpoint_whole(tm
     assert state.latest_checkpoint(str(tmp_path)) == first
     with reader.load_checkpoint(str(tmp_path)) as ckpt:
         assert ckpt.get_tensors()["a"].tolist() == [1] * 1000
+
+
+@pytest.mark.parametrize("entry", ["saver", "write_checkpoint"])
+def test_a_save_path_ending_in_a_separator_is_refused_and_nothing_is_written(tmp_path, entry):
+    # "run/ckpt/" names a directory, not a prefix: it used to become the prefix "run/ckpt", writing
+    # ckpt.index next to the directory and replacing the parent directory's state file.
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "other.ckpt-1"\n')
+    var = Variable("v", np.zeros(3, np.float32))
+    with pytest.raises(InvalidCheckpointWriteError, match="ckpt/'.*prefix"):
+        if entry == "saver":
+            Saver([var]).save(str(target) + os.sep)
+        else:
+            write_checkpoint(str(target) + os.sep, {"v": var})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt"]
+    assert os.listdir(target) == []
+    assert (tmp_path / "checkpoint").read_text() == 'model_checkpoint_path: "other.ckpt-1"\n'
+
+
+def test_python_scalars_and_lists_are_variables_too(tmp_path):
+    # tf.Variable(3.5) and tf.Variable([1, 2]) work; so must ours, through save and restore
+    step, weights = Variable("step", 7), Variable("w", [1.5, 2.5])
+    assert (step.shape, step.dtype, weights.shape) == ((), np.dtype(np.int64), (2,))
+    prefix = Saver([step, weights]).save(str(tmp_path / "model.ckpt"))
+    restored = [Variable("step", 0), Variable("w", [0.0, 0.0])]
+    Saver(restored).restore(prefix)
+    assert [v.numpy().tolist() for v in restored] == [7, [1.5, 2.5]]
+    assert repr(restored[0]) == "Variable('step', shape=(), dtype=int64)"
