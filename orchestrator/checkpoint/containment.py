@@ -7,7 +7,9 @@ So every path taken from such a file goes through ``resolve_inside``: it is used
 resolves inside the directory, on the same filesystem or bucket; anything else is ignored
 with a warning that names the entry and the file that named it.
 
-Inside means, lexically (``..`` is refused outright, so no symlink can change what it means):
+Inside means, on the text of the path (``..`` is refused outright), and for a local directory
+also on disk: the directory that holds the entry, symlinks resolved, must be the checkpoint
+directory or lie under it, so a symlinked subdirectory cannot lead elsewhere:
 
 * local directory ``/d``: a relative entry joined onto ``/d``, an absolute entry under ``/d/``,
   or ``file:///d/...``; no other scheme (an ``http://`` or ``s3://`` entry is never fetched);
@@ -84,7 +86,21 @@ def _resolve_local(directory: str, entry: str) -> tuple[str | None, str]:
         real_dir, real = os.path.realpath(directory), os.path.realpath(path)
         if _strictly_under(real_dir, real, os.sep)[0] is not None:
             return path, ""
+    if inside is not None and not _parent_really_inside(directory, path):
+        return None, "it goes through a symlinked directory that leads elsewhere"
     return inside, why
+
+
+def _parent_really_inside(directory: str, path: str) -> bool:
+    """The directory holding ``path``, symlinks resolved, is the checkpoint directory or under it.
+
+    Inside on the text, ``sub/model.ckpt-1`` still leads elsewhere when ``sub`` is a symlink
+    to another directory, and deleting that checkpoint would delete files there. (A symlink
+    as the last component is a file of the directory: removing it removes the link.)
+    """
+    real_dir = os.path.realpath(directory)
+    parent = os.path.realpath(os.path.dirname(path))
+    return parent == real_dir or _strictly_under(real_dir, parent, os.sep)[0] is not None
 
 
 def _strictly_under(directory: str, path: str, sep: str) -> tuple[str | None, str]:

@@ -131,3 +131,30 @@ def test_latest_in_another_bucket_falls_back_to_the_local_checkpoint(tmp_path):
         assert state.latest_checkpoint(str(directory)) == str(directory / "model.ckpt-5")
         again = CheckpointManager(str(directory))
     assert again.restore_or_initialize() == str(directory / "model.ckpt-5")
+
+
+def test_state_file_entries_through_a_symlinked_subdirectory_are_never_deleted(tmp_path):
+    """'sub/model.ckpt-1' is inside on the text, but 'sub' is a symlink to another directory:
+    retention deleted the other directory's checkpoint through it."""
+    victims = _victims(tmp_path)
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "sub").symlink_to(tmp_path / "victim")
+    (directory / "checkpoint").write_text(
+        'model_checkpoint_path: "sub/users"\nall_model_checkpoint_paths: "sub/users"\n'
+        'all_model_checkpoint_timestamps: 1.0\nlast_preserved_timestamp: 0.5\n')
+    with pytest.warns(RuntimeWarning, match="'sub/users'.*symlink"):
+        assert state.latest_checkpoint(str(directory)) is None
+    with pytest.warns(RuntimeWarning, match="'sub/users'"):
+        manager = CheckpointManager(str(directory), max_to_keep=1)
+        manager.save({"v": np.ones(3, np.float32)}, 2)
+        manager.save({"v": np.ones(3, np.float32)}, 3)
+    assert _still_there(victims)
+    assert manager.checkpoints == [str(directory / "model.ckpt-3")]
+
+
+def test_symlinked_subdirectory_inside_the_directory_is_still_inside(tmp_path):
+    directory = tmp_path / "ckpt"
+    (directory / "real").mkdir(parents=True)
+    (directory / "alias").symlink_to(directory / "real")
+    assert resolve_inside(str(directory), "alias/model.ckpt-1", "test") == str(directory / "alias/model.ckpt-1")
