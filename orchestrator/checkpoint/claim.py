@@ -129,7 +129,7 @@ class Holder:
             raw = json.loads(data.decode("utf-8"))
             return cls(str(raw["owner"]), str(raw["host"]), int(raw["pid"]), str(raw["token"]),
                        float(raw["started"]), float(raw["heartbeat"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # Recursion: JSON nested too deep
             return None
 
     def describe(self) -> str:

@@ -85,7 +85,7 @@ class Sidecar:
             if not all(isinstance(name, str) for name in names):
                 raise ValueError("checkpoint names must be strings")
             return cls(dict(data["checkpoints"]), list(data["preserved"]), list(data["pending_deletions"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # Recursion: nested too deep
             warnings.warn(f"ignoring unreadable checkpoint manager sidecar {where}: {e}", RuntimeWarning,
                           stacklevel=3)
             return cls()

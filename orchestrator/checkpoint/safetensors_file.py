@@ -179,7 +179,7 @@ def _read_header(storage: Storage, path: str, file_size: int) -> tuple[dict, int
     raw = storage.read_ranges([(path, 8, length)])[0]
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: safetensors header must be a JSON object")

@@ -67,8 +67,8 @@ def decode_structure(value: Any, where: str = STRUCTURE_KEY) -> dict:
     raw = _scalar_bytes(value, where)
     try:
         record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{where}: model structure is not valid JSON: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CorruptCheckpointError(f"{where}: model structure is not valid JSON: {e}") from None
     return validate_record(record, where)
 
 

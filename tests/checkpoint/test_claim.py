@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint.claim import (LOCK_NAME, DirectoryInUseError, DirectoryLock, DirectoryNotWritableError,
+from orchestrator.checkpoint.claim import (LOCK_NAME, DirectoryInUseError, DirectoryLock, DirectoryNotWritableError, Holder,
                                            probe_writable)
 from orchestrator.checkpoint.storage import Storage
 
@@ -121,3 +121,9 @@ def test_probe_names_what_is_wrong(tmp_path, s3_server, s3_options):
     (tmp_path / "old").mkdir()
     probe_writable(str(tmp_path / "old"))
     assert os.listdir(tmp_path / "old") == []
+
+
+def test_lock_record_nested_past_the_recursion_limit_names_no_holder():
+    # a lease object is read from a shared store: any bytes must parse to a holder or to None
+    assert Holder.parse(b"[" * 100_000 + b"]" * 100_000) is None
+    assert Holder.parse(b'{"owner": "x"}') is None

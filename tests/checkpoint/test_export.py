@@ -52,6 +52,7 @@ def test_checkpoint_without_structure_reads_none(tmp_path):
 
 @pytest.mark.parametrize("payload, error, match", [
     (b"{not json", CorruptCheckpointError, "not valid JSON"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, CorruptCheckpointError, "not valid JSON", id="nested-too-deep"),
     (pickle.dumps({"format": STRUCTURE_FORMAT}), CorruptCheckpointError, "not valid JSON"),
     (b'["a list"]', CorruptCheckpointError, "JSON object"),
     (b'{"format": "orchestrator.model/9", "spec": {}, "variables": []}', UnsupportedVersionError, "model/9"),

@@ -266,3 +266,12 @@ def test_best_checkpoint_older_than_last_preserved_stays_tracked_after_restart(t
     restarted.save(tensors(4), 4, metrics={"loss": 0.05})  # a new best: step 1 expires
     assert steps_on_disk(tmp_path) == [2, 3, 4]
     assert restarted.preserved_checkpoints == [manager.prefix_for(2), manager.prefix_for(3)]
+
+
+def test_sidecar_nested_past_the_recursion_limit_is_ignored_with_a_warning(tmp_path):
+    CheckpointManager(str(tmp_path)).save({"v": np.zeros(2, np.float32)}, step=1)
+    (tmp_path / "checkpoint.manager.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable checkpoint manager sidecar"):
+        manager = CheckpointManager(str(tmp_path), max_to_keep=1)
+    manager.save({"v": np.ones(2, np.float32)}, step=2)
+    assert manager.checkpoints == [str(tmp_path / "model.ckpt-2")]

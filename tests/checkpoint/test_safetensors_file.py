@@ -83,5 +83,9 @@ def test_header_that_is_not_json_and_a_missing_file(tmp_path):
     path.write_bytes(struct.pack("<Q", 4) + b"\x80abc")
     with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
         SafetensorsReader(str(path))
+    deep = b"[" * 100_000 + b"]" * 100_000  # valid JSON nested past Python's recursion limit
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(CorruptCheckpointError, match="junk.safetensors.*not valid JSON"):
+        SafetensorsReader(str(path))
     with pytest.raises(CheckpointNotFoundError, match="missing.safetensors"):
         open_tensors(str(tmp_path / "missing.safetensors"))
