@@ -1,8 +1,8 @@
 """TensorFlow ``DataType`` enum values <-> numpy dtypes, and their on-disk sizes.
 
 Every POD dtype is stored as its little-endian memory image (reference 4.4, 5.1);
-``DT_STRING`` tensors are numpy object arrays of ``bytes``; bfloat16 is
-``ml_dtypes.bfloat16``. Quantized types read as their plain integer counterparts.
+``DT_STRING`` tensors are numpy object arrays of ``bytes``; bfloat16, the float8
+types and int4/uint4 are their ``ml_dtypes`` types. Quantized types read as their plain integer counterparts.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ DT_RESOURCE = 20
 DT_VARIANT = 21
 DT_UINT32 = 22
 DT_UINT64 = 23
+DT_FLOAT8_E5M2 = 24
+DT_FLOAT8_E4M3FN = 25
+DT_FLOAT8_E4M3FNUZ = 26
+DT_FLOAT8_E4M3B11FNUZ = 27
+DT_FLOAT8_E5M2FNUZ = 28
+DT_INT4 = 29
+DT_UINT4 = 30
 
 OBJECT = np.dtype(object)
 
@@ -66,9 +73,23 @@ _QUANTIZED: dict[int, np.dtype] = {
 }
 _READABLE = {**_TO_NUMPY, **_QUANTIZED}
 _FROM_NUMPY = {dtype: enum for enum, dtype in _TO_NUMPY.items()}
-# bfloat16 is the one type numpy lacks; it sits outside the tables above so that ml_dtypes
-# is imported only when a bfloat16 tensor is met (see bfloat16()).
-_POD = frozenset(_READABLE) | {DT_BFLOAT16}
+# The types numpy lacks, by their ml_dtypes names: they sit outside the tables above so that
+# ml_dtypes is imported only when such a tensor is met (see ml_dtype()). On disk each element
+# is one memory image, like any POD type: 2 bytes for bfloat16, 1 byte for the float8 types
+# and for int4/uint4 (the value in the low nibble, as ml_dtypes holds it; checked against
+# TensorFlow 2.21's SaveV2 and its reader).
+_ML_DTYPES: dict[int, str] = {
+    DT_BFLOAT16: "bfloat16",
+    DT_FLOAT8_E5M2: "float8_e5m2",
+    DT_FLOAT8_E4M3FN: "float8_e4m3fn",
+    DT_FLOAT8_E4M3FNUZ: "float8_e4m3fnuz",
+    DT_FLOAT8_E4M3B11FNUZ: "float8_e4m3b11fnuz",
+    DT_FLOAT8_E5M2FNUZ: "float8_e5m2fnuz",
+    DT_INT4: "int4",
+    DT_UINT4: "uint4",
+}
+_ML_ENUMS = {name: enum for enum, name in _ML_DTYPES.items()}
+_POD = frozenset(_READABLE) | frozenset(_ML_DTYPES)
 
 # Dtypes TF can reassemble from slices (reference 6.3); slicing others makes TF fail.
 SLICEABLE = frozenset({
@@ -77,23 +98,29 @@ SLICEABLE = frozenset({
 })
 
 _NAMES = {
-    DT_STRING: "string", DT_VARIANT: "variant", DT_BFLOAT16: "bfloat16", DT_RESOURCE: "resource",
+    DT_STRING: "string", DT_VARIANT: "variant", DT_RESOURCE: "resource",
     DT_QINT8: "qint8", DT_QUINT8: "quint8", DT_QINT32: "qint32", DT_QINT16: "qint16", DT_QUINT16: "quint16",
+    **_ML_DTYPES,
 }
 
 
 @functools.cache
-def bfloat16() -> np.dtype:
-    """``ml_dtypes.bfloat16``, imported on first use.
+def ml_dtype(name: str) -> np.dtype:
+    """``ml_dtypes.<name>`` (bfloat16, float8_e5m2, int4, ...), imported on first use.
 
     The import takes about half a second (its C extension registers every type with numpy),
-    which every worker process and every CLI start would otherwise pay for a type most jobs
-    never hold. A caller that already has a bfloat16 array has imported ml_dtypes, so the
+    which every worker process and every CLI start would otherwise pay for types most jobs
+    never hold. A caller that already has such an array has imported ml_dtypes, so the
     lookup is then free.
     """
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def bfloat16() -> np.dtype:
+    """``ml_dtypes.bfloat16``, imported on first use (see ``ml_dtype``)."""
+    return ml_dtype("bfloat16")
 
 
 def is_string(enum: int) -> bool:
@@ -108,8 +135,8 @@ def to_numpy(enum: int, what: str = "tensor") -> np.dtype:
     """The numpy dtype a tensor of TF type ``enum`` reads as (object for strings)."""
     if enum == DT_STRING:
         return OBJECT
-    if enum == DT_BFLOAT16:
-        return bfloat16()
+    if enum in _ML_DTYPES:
+        return ml_dtype(_ML_DTYPES[enum])
     try:
         return _READABLE[enum]
     except KeyError:
@@ -127,8 +154,8 @@ def from_numpy(dtype, what: str = "tensor") -> int:
     if dtype.kind in "OSU":
         return DT_STRING
     enum = _FROM_NUMPY.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
-    if enum is None and dtype.name == "bfloat16" and dtype == bfloat16():
-        enum = DT_BFLOAT16
+    if enum is None and dtype.name in _ML_ENUMS and dtype == ml_dtype(dtype.name):
+        enum = _ML_ENUMS[dtype.name]
     if enum is None:
         raise UnsupportedDtypeError(f"{what}: numpy dtype {dtype} has no TensorFlow checkpoint equivalent")
     return enum

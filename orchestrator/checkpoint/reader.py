@@ -116,6 +116,11 @@ class CheckpointReader:
     def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
         return {name: self._numpy_dtype(self._entries[name]) for name in self._names}
 
+    def dtype(self, name: str) -> np.dtype:
+        """The numpy dtype one tensor reads as; raises only for that tensor's dtype, so a
+        tensor of a dtype this reader cannot decode does not stand in the way of the others."""
+        return self._numpy_dtype(self.entry(name))
+
     def data_paths(self) -> list[str]:
         return [bundle.data_filename(self.prefix, i, self.num_shards) for i in range(self.num_shards)]
 

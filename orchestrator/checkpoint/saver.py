@@ -79,7 +79,6 @@ def checkpoint_prefix(save_path: str, global_step: int | Variable | None) -> str
 def mismatches(var_map: Mapping[str, Variable], ckpt: "reader.CheckpointReader") -> list[str]:
     """One line per variable that cannot be restored from ``ckpt``."""
     shapes = ckpt.get_variable_to_shape_map()
-    dtypes = ckpt.get_variable_to_dtype_map()
     problems = []
     for key, var in var_map.items():
         if key not in shapes:
@@ -87,8 +86,8 @@ def mismatches(var_map: Mapping[str, Variable], ckpt: "reader.CheckpointReader")
         elif tuple(shapes[key]) != tuple(var.shape):
             problems.append(f"shape mismatch: {key!r}: checkpoint {tuple(shapes[key])} vs variable "
                             f"{var.name!r} {tuple(var.shape)}")
-        elif np.dtype(dtypes[key]) != np.dtype(var.dtype):
-            problems.append(f"dtype mismatch: {key!r}: checkpoint {np.dtype(dtypes[key])} vs variable "
+        elif ckpt.dtype(key) != np.dtype(var.dtype):
+            problems.append(f"dtype mismatch: {key!r}: checkpoint {ckpt.dtype(key)} vs variable "
                             f"{var.name!r} {np.dtype(var.dtype)}")
     return problems
 

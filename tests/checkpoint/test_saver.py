@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from orchestrator.checkpoint import reader, state
+from orchestrator.checkpoint import bundle, reader, state, table
+from orchestrator.checkpoint.protos import BundleEntryProto
 from orchestrator.checkpoint.errors import CheckpointNotFoundError, InvalidCheckpointWriteError, UnsupportedDtypeError
 from orchestrator.checkpoint.writer import write_checkpoint
 from orchestrator.checkpoint.saver import RestoreMismatchError, Saver
@@ -276,3 +277,23 @@ def test_python_scalars_and_lists_are_variables_too(tmp_path):
     Saver(restored).restore(prefix)
     assert [v.numpy().tolist() for v in restored] == [7, [1.5, 2.5]]
     assert repr(restored[0]) == "Variable('step', shape=(), dtype=int64)"
+
+
+def test_subset_restore_ignores_a_tensor_of_a_dtype_it_cannot_decode(tmp_path):
+    # A checkpoint written elsewhere may hold a dtype newer than this reader (TF keeps adding
+    # them); restoring other variables from it must not depend on that tensor.
+    prefix = str(tmp_path / "m")
+    write_checkpoint(prefix, {"w": np.arange(3, dtype=np.float32), "z": np.zeros(2, np.uint8)})
+    index = reader.CheckpointReader(prefix)
+    entries = {}
+    for key, value in table.Table((tmp_path / "m.index").read_bytes(), prefix + ".index").items():
+        if key:
+            entry = BundleEntryProto.FromString(value)
+            entry.dtype = 99 if key == b"z" else entry.dtype
+            entries[key.decode()] = entry.SerializeToString()
+    (tmp_path / "m.index").write_bytes(bundle.build_index_bytes(entries, index.num_shards))
+    w = Variable("w", np.zeros(3, np.float32))
+    Saver([w]).restore(prefix)
+    assert w.numpy().tolist() == [0, 1, 2]
+    with pytest.raises(UnsupportedDtypeError, match="'z'.*DataType\\(99\\)"):
+        Saver([Variable("z", np.zeros(2, np.uint8))]).restore(prefix)

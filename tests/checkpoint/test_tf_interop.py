@@ -464,3 +464,31 @@ def test_tf_v1_format_is_named_with_a_conversion_command_that_works(tmp_path):
     with load_checkpoint(converted) as reader:
         np.testing.assert_array_equal(reader.get_tensor("dense/kernel"), np.arange(6, dtype=np.float32).reshape(2, 3))
         assert list(reader.get_tensor("names")) == [b"a", b""]
+
+
+def _narrow_tensors() -> dict[str, np.ndarray]:
+    """TF's 1-byte float8 types and its int4/uint4 (one element per byte on disk), edge bits included."""
+    out = {name: _bits(getattr(ml_dtypes, name), np.uint8, [0x00, 0x80, 0x7F, 0xFF, 0x01, 0x3C])
+           for name in ("float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz")}
+    out["int4"] = np.array([-8, -2, 0, 1, 7], ml_dtypes.int4)
+    out["uint4"] = np.array([[0, 1], [9, 15]], ml_dtypes.uint4)
+    return out
+
+
+def test_we_read_tf_float8_and_int4_and_restore_a_subset_beside_them(tmp_path):
+    # tf.constant(np.array(..., ml_dtypes.float8_e5m2)) and tf.Variable of it save like any tensor
+    tensors = {**_narrow_tensors(), "w": np.arange(3, dtype=np.float32)}
+    prefix = tf_fixtures.write_save_v2(str(tmp_path / "narrow"), tensors)
+    assert assert_we_read_like_tf(prefix) == len(tensors)
+    from orchestrator.checkpoint.saver import Saver
+    from orchestrator.checkpoint.variables import Variable
+
+    w, e4 = Variable("w", np.zeros(3, np.float32)), Variable("e4", np.zeros(6, ml_dtypes.float8_e4m3fn))
+    Saver({"w": w, "float8_e4m3fn": e4}).restore(prefix)
+    assert w.numpy().tolist() == [0, 1, 2]
+    assert e4.numpy().tobytes() == tensors["float8_e4m3fn"].tobytes()
+
+
+def test_tf_reads_our_float8_and_int4(tmp_path):
+    tensors = _narrow_tensors()
+    assert_tf_reads(write_checkpoint(str(tmp_path / "narrow"), tensors, num_shards=2), tensors)
