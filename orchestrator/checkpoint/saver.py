@@ -86,10 +86,15 @@ def mismatches(var_map: Mapping[str, Variable], ckpt: "reader.CheckpointReader")
         elif tuple(shapes[key]) != tuple(var.shape):
             problems.append(f"shape mismatch: {key!r}: checkpoint {tuple(shapes[key])} vs variable "
                             f"{var.name!r} {tuple(var.shape)}")
-        elif ckpt.dtype(key) != np.dtype(var.dtype):
+        elif ckpt.dtype(key) != np.dtype(var.dtype) and not _both_strings(ckpt.dtype(key), var.dtype):
             problems.append(f"dtype mismatch: {key!r}: checkpoint {ckpt.dtype(key)} vs variable "
                             f"{var.name!r} {np.dtype(var.dtype)}")
     return problems
+
+
+def _both_strings(stored: np.dtype, wanted: np.dtype) -> bool:
+    """A DT_STRING tensor (read as ``object``) restores into a numpy object, str or bytes variable."""
+    return stored == np.dtype(object) and np.dtype(wanted).kind in "OSU"
 
 
 def _missing_line(key: str, var: Variable, shapes: Mapping[str, Any]) -> str:

@@ -55,12 +55,29 @@ class Variable:
         return to_host(self.value)
 
     def assign(self, value: Any) -> None:
-        """Set the value, keeping this variable's array module (numpy or cupy)."""
+        """Set the value, keeping this variable's array module (numpy or cupy).
+
+        A numpy ``str``/``bytes`` variable keeps its kind but not its width: a checkpoint's
+        strings (``bytes``) may be longer than the ones it held, and a fixed width would cut them.
+        """
+        if self.dtype.kind in "SU":
+            self.value = _strings(value, self.dtype.kind).reshape(self.value.shape)
+            return
         xp = _array_module(self.value)
         self.value = xp.asarray(value, dtype=self.value.dtype).reshape(self.value.shape)
 
     def __repr__(self) -> str:
         return f"Variable({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _strings(value: Any, kind: str) -> np.ndarray:
+    """``value``'s items as a numpy ``str`` (kind ``U``: bytes decoded as UTF-8) or ``bytes`` array."""
+    items = np.asarray(value, dtype=object).reshape(-1).tolist()
+    if kind == "U":
+        items = [x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else str(x) for x in items]
+        return np.array(items, dtype=str) if items else np.zeros(0, dtype="U1")
+    items = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in items]
+    return np.array(items, dtype=bytes) if items else np.zeros(0, dtype="S1")
 
 
 def _array_module(array: Any):

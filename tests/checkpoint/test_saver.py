@@ -297,3 +297,14 @@ def test_subset_restore_ignores_a_tensor_of_a_dtype_it_cannot_decode(tmp_path):
     assert w.numpy().tolist() == [0, 1, 2]
     with pytest.raises(UnsupportedDtypeError, match="'z'.*DataType\\(99\\)"):
         Saver([Variable("z", np.zeros(2, np.uint8))]).restore(prefix)
+
+
+@pytest.mark.parametrize("value", [np.array(["ab", "ünï"]), np.array([b"ab", b"\xff\x00"]),
+                                   np.array([b"ab", b""], dtype=object)], ids=["str", "bytes", "object"])
+def test_string_variables_restore_what_they_saved(tmp_path, value):
+    # numpy str/bytes arrays save as DT_STRING; restoring must give them back, longer strings too
+    var = Variable("s", value)
+    prefix = Saver([var]).save(str(tmp_path / "model.ckpt"))
+    target = Variable("s", np.zeros(2, {"U": "U1", "S": "S1", "O": object}[value.dtype.kind]))  # narrower
+    Saver([target]).restore(prefix)
+    assert target.numpy().tolist() == value.tolist() and target.dtype.kind == value.dtype.kind
