@@ -193,9 +193,11 @@ def cleanup_uncommitted(directory: str, storage: Storage, storage_options: Mappi
 def check_committed(prefix: str, storage: Storage, storage_options: Mapping | None = None) -> None:
     """Raise a ``CheckpointError`` unless the index parses and every data shard exists."""
     ckpt = reader.CheckpointReader(prefix, storage_options=storage_options)
-    missing = [p for p in ckpt.data_paths() if not storage.exists(p)]
-    if missing:
-        raise CheckpointNotFoundError(f"{prefix}: data shard(s) missing: {', '.join(missing)}")
+    for shard_id in range(ckpt.num_shards):  # stops at the first gap: the count is the index's word, forged or not
+        path = bundle.data_filename(ckpt.prefix, shard_id, ckpt.num_shards)
+        if not storage.exists(path):
+            raise CheckpointNotFoundError(f"{prefix}: data shard(s) missing: {path} (the index names "
+                                          f"{ckpt.num_shards} shards)")
 
 
 def is_committed(prefix: str, storage: Storage, storage_options: Mapping | None = None) -> bool:

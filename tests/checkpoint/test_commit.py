@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from orchestrator.checkpoint import bundle, commit, pipeline, reader, state
-from orchestrator.checkpoint.errors import SaveFailedError
-from orchestrator.checkpoint.manager import CheckpointManager
+from orchestrator.checkpoint.errors import CheckpointNotFoundError, SaveFailedError
+from orchestrator.checkpoint.manager import CheckpointManager, list_checkpoints
 from orchestrator.checkpoint.storage import Storage
 
 
@@ -171,3 +171,19 @@ def test_manager_start_repairs_state_and_cleans_leftovers(tmp_path):
     assert manager.latest_checkpoint == os.path.join(directory, "model.ckpt-2")
     assert state.latest_checkpoint(directory) == manager.latest_checkpoint  # repaired on storage too
     assert not os.path.exists(bundle.data_filename(os.path.join(directory, "model.ckpt-3"), 0, 1))
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_shard_count_is_named_without_visiting_every_shard(tmp_path):
+    # 6 header bytes claiming 2**31-1 data files: `orchestrator ls` and a manager's start-up
+    # used to list and stat every one of them (hours) before calling the checkpoint broken
+    writer_prefix = str(tmp_path / "model.ckpt-1")
+    pipeline.save(Storage.for_path(writer_prefix)[0], writer_prefix, {"v": np.zeros(2)}, 1)
+    (tmp_path / "model.ckpt-2.index").write_bytes(bundle.build_index_bytes({}, 2**31 - 1))
+    with pytest.raises(CheckpointNotFoundError, match=r"model\.ckpt-2\.data-00000-of-2147483647"):
+        commit.check_committed(str(tmp_path / "model.ckpt-2"), Storage.for_path(str(tmp_path))[0])
+    rows = {info.step: info for info in list_checkpoints(str(tmp_path))}
+    assert rows[1].problem is None and "missing" in rows[2].problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert CheckpointManager(str(tmp_path)).latest_checkpoint == str(tmp_path / "model.ckpt-1")
