@@ -27,6 +27,7 @@ everything; and two runs writing one directory overwrite each other's checkpoint
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -210,13 +211,27 @@ class DirectoryLock:
         self.release()
 
     # -------------------------------------------------------------- flock (local)
+    def _open_lock_file(self) -> int:
+        """The lock file, opened without following a symlink: the file is truncated and rewritten,
+        and a link planted at its name must not make us write a file outside the directory."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(self.path, flags, 0o644)
+        except IsADirectoryError:
+            raise DirectoryNotWritableError(f"{self.path} is a directory, not the lock file; remove it") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise DirectoryNotWritableError(
+                f"{self.path} is a symlink; the lock file is written, so it is not followed: remove it") from None
+
     def _acquire_flock(self) -> None:
         import fcntl  # POSIX only
 
         self._created_dirs = _missing_dirs(self._dir)
         os.makedirs(self._dir, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = self._open_lock_file()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

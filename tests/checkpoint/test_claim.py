@@ -127,3 +127,19 @@ def test_lock_record_nested_past_the_recursion_limit_names_no_holder():
     # a lease object is read from a shared store: any bytes must parse to a holder or to None
     assert Holder.parse(b"[" * 100_000 + b"]" * 100_000) is None
     assert Holder.parse(b'{"owner": "x"}') is None
+
+
+def test_a_symlink_or_directory_at_the_lock_path_is_refused_and_nothing_outside_is_written(tmp_path):
+    # the lock file is truncated and rewritten: through a planted symlink that wrote a file elsewhere
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(DirectoryNotWritableError, match=f"{LOCK_NAME}.*symlink"):
+        DirectoryLock(str(directory)).acquire()
+    assert victim.read_text() == "precious"
+    (directory / LOCK_NAME).unlink()
+    (directory / LOCK_NAME).mkdir()
+    with pytest.raises(DirectoryNotWritableError, match=f"{LOCK_NAME}.*directory"):
+        DirectoryLock(str(directory)).acquire()
