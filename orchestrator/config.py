@@ -815,6 +815,9 @@ def _node_value(node: yaml.Node, key: str, tree: _Tree, loc: _Loc, environ, secr
         for key_node, value_node in node.value:
             name = _scalar(key_node, loc)
             here = dataclasses.replace(loc, line=key_node.start_mark.line + 1) if loc.line else loc
+            if not isinstance(name, str):  # `1:` or `yes:` would reach pydantic / **kwargs as a non-str key
+                raise here.error(key or None, f"a key must be a string, got {_type_name(name)} {name!r} "
+                                              f"(quote it: '{key_node.value}')")
             path = f"{key}.{name}" if key else str(name)
             if name in out:
                 raise here.error(path, "duplicate key")

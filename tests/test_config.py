@@ -99,6 +99,9 @@ CASES = [
     ("duplicate-key", GOOD + "seed: 1\nseed: 2  #<\n", [], "seed: duplicate key"),
     ("yaml-syntax-error", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]]  #<"), [], "invalid YAML"),
     ("top-level-not-mapping", "- name: job  #<\n", [], "the top level must be a mapping"),
+    ("key-not-a-string", GOOD + "1: 2  #<\n", [], "job.yaml:11: a key must be a string, got integer 1 (quote it: '1')"),
+    ("nested-key-not-a-string", GOOD + "optimizer:\n  args:\n    yes: 3  #<\n", [],
+     "optimizer.args: a key must be a string, got boolean True (quote it: 'yes')"),
     ("set-wrong-type", None, ["train.steps=abc"], "--set train.steps=abc: train.steps: expected an integer"),
     ("set-unknown-key", None, ["model.hidden_units=[4]"], "--set model.hidden_units=[4]: model.hidden_units: unknown key"),
     ("set-out-of-range", None, ["checkpoint.max_to_keep=-1"], "--set checkpoint.max_to_keep=-1: checkpoint.max_to_keep: must be >= 0"),
@@ -373,6 +376,7 @@ SCHEMA_BLIND = {
     "set-without-equals": "a command-line syntax error",
     "key-of-another-kind": "a key left at its default is fine with any kind; JSON Schema cannot compare to defaults",
     "init-from-with-resume-path": "JSON Schema cannot compare two values",
+    "nested-key-not-a-string": "JSON keys are strings: a free mapping (args) takes any; the located loader rejects it",
 }
 
 
