@@ -175,10 +175,18 @@ def _live_progress(cfg: JobConfig) -> bool:
 
 
 def _prepare_run_dir(cfg: JobConfig) -> None:
-    """Create the run dir and record the config (secrets as their ${VAR} references)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, CONFIG_DUMP), "w", encoding="utf-8") as f:
-        f.write(dump_config(cfg))
+    """Create the run dir and record the config (secrets as their ${VAR} references).
+
+    run_dir is a path the user gave: one that cannot be created or written (a file in its place,
+    a read-only filesystem) is bad input (exit 2 naming it), not a failed run.
+    """
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, CONFIG_DUMP), "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+    except OSError as exc:
+        raise _BadInput(f"run_dir '{cfg.run_dir}' is not a writable directory: {type(exc).__name__}: "
+                        f"{exc}; logs and the run summary could not be written, so the job does not start") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

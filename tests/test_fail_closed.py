@@ -244,6 +244,23 @@ def test_read_only_checkpoint_dir_exits_2_before_anything_starts(tmp_path):
     _assert_stopped_before_start(proc, tmp_path, "is not writable", "Read-only file system", str(target / "ckpt"))
 
 
+def test_run_dir_that_is_a_file_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    """run_dir is a path the user gave: one that cannot be created is bad input (exit 2, one line
+    naming run_dir), not exit 1 with a bare FileExistsError; the checkpoint directory stays untouched."""
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("not a directory\n")
+    code = main(["train", str(QUICKSTART), "--set", f"run_dir={tmp_path / 'taken'}",
+                 "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", "--set", "train.steps=2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: run_dir '{tmp_path / 'taken'}' "), err
+    assert (tmp_path / "taken").read_text() == "not a directory\n"
+    assert not (tmp_path / "ckpt").exists() or not list_checkpoints(str(tmp_path / "ckpt"))
+
+
 def test_checkpoint_dir_without_permission_exits_2(tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
