@@ -230,6 +230,8 @@ def _read_text(path: str, storage_options: Mapping[str, Any] | None) -> str:
         raise DatasetError(f"chars: text file {path} not found") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"chars: {path} is not UTF-8 text: {exc}") from None
+    except OSError as exc:  # a directory, no permission: named as the data's problem (exit 2 at data.path)
+        raise DatasetError(f"chars: cannot read text file {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _windows(ids: np.ndarray, context: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import struct
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -246,3 +248,20 @@ def test_chars_from_a_text_file_and_their_errors(tmp_path):
         load_dataset("chars", path=str(path), context=100)
     with pytest.raises(DatasetError, match="context"):
         load_dataset("chars", path=str(path), context=0)
+    with pytest.raises(DatasetError, match=f"chars: cannot read text file {tmp_path}: IsADirectoryError"):
+        load_dataset("chars", path=str(tmp_path), context=4)  # a directory: named, not a bare [Errno 21]
+
+
+def test_train_on_a_chars_directory_names_data_path(tmp_path, capsys, monkeypatch):
+    """Through the CLI: the error is located at data.path (exit 2), nothing is written."""
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts").mkdir()
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    code = main(["train", str(quickstart), "--set", "data.dataset=chars", "--set", f"data.path={tmp_path / 'texts'}",
+                 "--set", f"run_dir={tmp_path / 'run'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith(f"error: --set data.path={tmp_path / 'texts'}: data.path: chars: cannot read text file"), err
+    assert len(err.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["texts"]
