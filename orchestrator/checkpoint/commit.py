@@ -213,10 +213,10 @@ def committed_checkpoints(directory: str, storage: Storage, storage_options: Map
     """Committed checkpoints on disk, ordered by step (then name)."""
     listing = DirectoryListing.of(directory, storage)
     found = [p for p in listing.indexes if accept(p) and is_committed(p, storage, storage_options)]
-    return sorted(found, key=_step_order)
+    return sorted(found, key=step_order)
 
 
-def _step_order(prefix: str) -> tuple[int, str]:
+def step_order(prefix: str) -> tuple[int, str]:
     step = step_of(prefix)
     return (-1 if step is None else step, prefix)
 
@@ -303,7 +303,7 @@ def _newer_committed(directory, storage, storage_options, accept, good, tracked)
     listing = DirectoryListing.of(directory, storage)
     candidates = [p for p in listing.indexes
                   if p not in tracked and accept(p) and (step_of(p) or -1) > latest_step]
-    return sorted((p for p in candidates if is_committed(p, storage, storage_options)), key=_step_order)
+    return sorted((p for p in candidates if is_committed(p, storage, storage_options)), key=step_order)
 
 
 def _with_paths(current, paths: list[str], stamps: Mapping[str, float]):

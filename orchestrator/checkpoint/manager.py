@@ -257,7 +257,7 @@ class CheckpointManager:
         None (only verify and return the prefix).
         """
         corrupt: list[tuple[str, BaseException]] = []
-        for prefix in self._restore_candidates():
+        for prefix in self._restore_candidates(with_unreadable=True):
             problem = self._verification_problem(prefix)
             if problem is None:
                 self._quarantine([p for p, e in corrupt if not isinstance(e, _TRANSIENT)])
@@ -395,11 +395,26 @@ class CheckpointManager:
             self._write_sidecar(self._sidecar)
 
     # -------------------------------------------------------------- restoring
-    def _restore_candidates(self) -> list[str]:
+    def _restore_candidates(self, with_unreadable: bool = False) -> list[str]:
         ordered = [self._latest] if self._latest else []
         ordered += [p for p in reversed(self.checkpoints) if p not in ordered]
         ordered += [p for p in reversed(self._preserved) if p not in ordered]
+        if with_unreadable:  # newest first, so a newer broken one is skipped (and kept aside) before an older good one
+            broken = self._unreadable_indexes(set(ordered))
+            newest = commit.step_order(ordered[0]) if ordered else None
+            ordered = ([p for p in broken if newest is None or commit.step_order(p) > newest] + ordered
+                       + [p for p in broken if newest is not None and commit.step_order(p) <= newest])
         return ordered
+
+    def _unreadable_indexes(self, known: set[str]) -> list[str]:
+        """Our checkpoints whose index is on disk but that do not count as committed (an index that is
+        not a table, a missing shard), newest first. Loading drops them from the state without a
+        trace; restoring must see them, to rename them aside (or refuse to start over) like any
+        checkpoint that fails verification, before a re-save of that step overwrites the evidence."""
+        listing = commit.DirectoryListing.of(self.directory, self._storage)
+        broken = [p for p in listing.indexes if p not in known and self._is_ours(p)
+                  and not commit.is_committed(p, self._storage, self.storage_options)]
+        return sorted(broken, key=commit.step_order, reverse=True)
 
     def _verification_problem(self, prefix: str) -> BaseException | None:
         try:

@@ -271,3 +271,41 @@ def test_every_checkpoint_corrupt_raises_instead_of_starting_over(tmp_path):
             CheckpointManager(str(tmp_path), max_to_keep=3).restore_or_initialize(None)
     assert "model.ckpt-1" in str(info.value) and "model.ckpt-2" in str(info.value)
     assert not [n for n in os.listdir(tmp_path) if ".corrupt-" in n]  # nothing renamed: the user decides
+
+
+def _garble_index(prefix: str) -> None:
+    with open(prefix + ".index", "r+b") as f:  # same size, bytes that are not a table
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        f.write(bytes(random.Random(7).randrange(256) for _ in range(size)))
+
+
+def test_a_garbled_index_is_renamed_aside_not_overwritten_by_the_resave(tmp_path):
+    """An index that is not a table fails verification like a CRC mismatch: it was dropped from the
+    state without a trace, so the resumed run re-saved that step over the evidence."""
+    manager = CheckpointManager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        manager.save({"w": np.full(64, step, np.float32), "global_step": np.array(step, np.int64)}, step)
+    _garble_index(manager.prefix_for(2))
+    garbled = (tmp_path / "model.ckpt-2.index").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = CheckpointManager(str(tmp_path), max_to_keep=3)
+        assert again.restore_or_initialize(None) == manager.prefix_for(1)
+        again.save({"w": np.full(64, 20, np.float32), "global_step": np.array(2, np.int64)}, 2)
+    aside = sorted(n for n in os.listdir(tmp_path) if ".corrupt-" in n)
+    assert [n.split(".corrupt-")[0] for n in aside] == ["model.ckpt-2.data-00000-of-00001", "model.ckpt-2.index"]
+    assert (tmp_path / next(n for n in aside if ".index" in n)).read_bytes() == garbled
+
+
+def test_every_index_garbled_raises_instead_of_starting_over(tmp_path):
+    manager = CheckpointManager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        manager.save({"w": np.full(64, step, np.float32)}, step)
+        _garble_index(manager.prefix_for(step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptCheckpointError, match="no checkpoint in .* verifies") as info:
+            CheckpointManager(str(tmp_path), max_to_keep=3).restore_or_initialize(None)
+    assert "model.ckpt-1" in str(info.value) and "model.ckpt-2" in str(info.value)
+    assert not [n for n in os.listdir(tmp_path) if ".corrupt-" in n]
