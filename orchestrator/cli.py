@@ -267,6 +267,8 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     from orchestrator.cluster.preflight import build_on_cpu
     from orchestrator.engine.gradcheck import run_checks
 
+    if args.examples < 2:  # the option is at fault, not the data: say so before loading anything
+        raise _BadInput(f"--examples {args.examples}: check-model needs at least 2 examples")
     cfg, (model, dataset) = _load_checked(args, build_on_cpu)
     count = min(args.examples, len(dataset.train_y))
     if count < 2:

@@ -94,3 +94,11 @@ def test_the_worked_example_in_docs_plugins_md_passes(tmp_path, monkeypatch, cap
     code, lines, err = check(capsys, tmp_path / "job.yaml")
     assert code == EXIT_OK, "\n".join(lines) + err
     assert np.isfinite(float(lines[-2].split("mean loss ")[1].split(",")[0]))
+
+
+@pytest.mark.parametrize("examples", ["-3", "0", "1"])
+def test_examples_below_two_is_named_as_the_option_at_fault(plugin_config, capsys, examples):
+    """--examples -3 was reported as 'the data has -3': the option, not the data, is wrong."""
+    code, lines, err = check(capsys, plugin_config("build"), "--examples", examples)
+    assert code == EXIT_BAD_INPUT and lines == []
+    assert err == f"error: --examples {examples}: check-model needs at least 2 examples", err
