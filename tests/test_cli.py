@@ -238,6 +238,17 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.parametrize("part", [".index", ".data-00001-of-00002"])
+def test_a_file_of_a_checkpoint_is_named_with_its_prefix_not_as_tensorflow_v1(ckpt_dir, capsys, part):
+    """`inspect model.ckpt-30.index` said 'a TensorFlow V1-format checkpoint' (an index is a table too)."""
+    prefix = ckpt_dir / "model.ckpt-30"
+    for command in (["inspect"], ["export", "--format", "safetensors", "-o", str(ckpt_dir.parent / "x.safetensors")]):
+        code, out, err = cli(capsys, command[0], f"{prefix}{part}", *command[1:])
+        assert code == EXIT_BAD_INPUT and out == "", err
+        assert "V1" not in err and f"give its prefix {prefix}" in err, err
+        assert err.startswith(f"error: {prefix}{part} is a file of the checkpoint {prefix}"), err
+
+
 def test_inspect_tensor_prints_only_that_tensor_with_the_table_dtype_name(ckpt_dir, capsys):
     code, out, _ = cli(capsys, "inspect", str(ckpt_dir), "--tensor", "dense_1/bias")
     assert code == EXIT_OK and out == "dense_1/bias (float32, [10]):\n[0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]\n"

@@ -10,6 +10,7 @@ that rewrites it as V2 (TF still reads V1). Only the file's last 8 bytes are rea
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 
 from orchestrator.checkpoint import coding, table
@@ -43,8 +44,18 @@ def convert_command(prefix: str) -> str:
     return f"{_CONVERT} {shlex.quote(prefix)} {shlex.quote(target)}"
 
 
+# the files of a V2 checkpoint: a path to one of them is a common slip for its prefix
+_V2_PART = re.compile(r"(\.index|\.data-\d{5}-of-\d{5})$")
+
+
 def v1_message(storage: Storage, prefix: str) -> str | None:
-    """The error text for a V1 checkpoint at ``prefix``, or None when there is none."""
+    """The error text for a path that is not a V2 prefix but whose files say what it is: one file
+    of a V2 checkpoint (an index is a table too, so it must not read as V1), or a V1 checkpoint;
+    None when there is neither."""
+    part = _V2_PART.search(prefix)
+    if part and storage.exists(prefix[: part.start()] + ".index"):
+        real = prefix[: part.start()]
+        return f"{prefix} is a file of the checkpoint {real}: give its prefix {real} (no .index or .data-... suffix)"
     files = v1_files(storage, prefix)
     if not files:
         return None
