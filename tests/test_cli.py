@@ -249,6 +249,17 @@ def test_a_file_of_a_checkpoint_is_named_with_its_prefix_not_as_tensorflow_v1(ck
         assert err.startswith(f"error: {prefix}{part} is a file of the checkpoint {prefix}"), err
 
 
+def test_export_to_a_path_under_a_file_exits_2_naming_the_output(ckpt_dir, capsys):
+    """-o is user input: a file where its directory should be was exit 1 with a bare FileExistsError."""
+    blocker = ckpt_dir.parent / "notes.txt"
+    blocker.write_text("a file\n")
+    out = blocker / "model.safetensors"
+    code, stdout, err = cli(capsys, "export", str(ckpt_dir), "--format", "safetensors", "-o", str(out))
+    assert code == EXIT_BAD_INPUT and stdout == "", err
+    assert err.startswith(f"error: cannot write {out}: "), err
+    assert blocker.read_text() == "a file\n"
+
+
 def test_inspect_tensor_prints_only_that_tensor_with_the_table_dtype_name(ckpt_dir, capsys):
     code, out, _ = cli(capsys, "inspect", str(ckpt_dir), "--tensor", "dense_1/bias")
     assert code == EXIT_OK and out == "dense_1/bias (float32, [10]):\n[0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]\n"

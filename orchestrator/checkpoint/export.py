@@ -94,7 +94,11 @@ def export_checkpoint(prefix: str, out_path: str, storage_options: Mapping | Non
     payload = encode_safetensors(tensors, metadata)
     same_store = "://" in out_path and out_path.split("://")[0] == prefix.split("://")[0]
     storage, path = Storage.for_path(out_path, storage_options if same_store else None)
-    storage.write_bytes(path, payload)
+    try:
+        storage.write_bytes(path, payload)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        # the output path is the caller's input (e.g. a file where its directory should be): not a failure of ours
+        raise ExportError(f"cannot write {out_path}: {type(exc).__name__}: {exc}") from None
     return Exported(path, sorted(tensors), len(payload), record is not None, notes)
 
 
