@@ -171,6 +171,9 @@ def test_features_and_labels_of_different_lengths(job, capsys):
     x, y = make_arrays(50)
     error = bad_input(capsys, npz_job(job, "d.npz", x, y[:40]))
     assert "data.labels" in error and "features (data.features) have 50 rows but labels (data.labels) 40" in error
+    # with eval_fraction the split took len(labels) rows of each and trained on misaligned pairs (exit 0)
+    error = bad_input(capsys, npz_job(job, "e.npz", x, y[:40], eval_fraction=0.2))
+    assert "data.labels" in error and "features (data.features) have 50 rows but labels (data.labels) 40" in error
 
 
 def test_labels_outside_the_classes(job, capsys):

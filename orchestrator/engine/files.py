@@ -67,6 +67,10 @@ def load_files(source: FileSource) -> Dataset | ShardPlan:
     if source.eval_path:
         test = read_arrays(source, source.eval_path, "data.eval_path")
     elif source.eval_fraction is not None:
+        x, y = train  # lengths first: the split indexes both by the labels' rows, hiding a mismatch
+        if len(x) != len(y):
+            raise DatasetError(f"{source.path}: features (data.features) have {len(x)} rows but labels "
+                               f"(data.labels) {len(y)}; they must have the same length", "data.labels")
         train, test = split_off(train, source.eval_fraction)
     return from_arrays(train, test, source.num_classes, source.path)
 
