@@ -454,6 +454,14 @@ class DataConfig(_Group):
             raise Problem("give data.eval_path or data.eval_fraction, not both", key="eval_fraction")
         if self.from_user:
             return self  # sizes are known once the data is read (preflight)
+        # a key the dataset never reads would be ignored: a user who gave a path without data.format
+        # would train on the bundled digits and exit 0
+        if self.path is not None and self.dataset in (Dataset.DIGITS, Dataset.SYNTHETIC):
+            raise Problem(f"dataset {self.dataset.value} reads no file; to train on your files, set data.format "
+                          f"({', '.join(f.value for f in DataFormat)})", key="path")
+        for key in ("features", "labels", "eval_path"):
+            if getattr(self, key) is not None:
+                raise Problem(f"applies to data.format (your files) only (dataset is {self.dataset.value})", key=key)
         if self.dataset is Dataset.MNIST and not self.path:
             raise Problem("dataset mnist needs data.path: the directory or URL of the IDX files",
                           key="path", at="dataset")

@@ -99,6 +99,10 @@ CASES = [
     ("duplicate-key", GOOD + "seed: 1\nseed: 2  #<\n", [], "seed: duplicate key"),
     ("yaml-syntax-error", GOOD.replace("  hidden: [32, 32]", "  hidden: [32, 32]]  #<"), [], "invalid YAML"),
     ("top-level-not-mapping", "- name: job  #<\n", [], "the top level must be a mapping"),
+    ("path-of-a-bundled-dataset", GOOD + "data:\n  path: train.npz  #<\n", [],
+     "data.path: dataset digits reads no file; to train on your files, set data.format"),
+    ("files-key-without-format", GOOD + "data:\n  dataset: synthetic\n  labels: y  #<\n", [],
+     "data.labels: applies to data.format (your files) only"),
     ("key-not-a-string", GOOD + "1: 2  #<\n", [], "job.yaml:11: a key must be a string, got integer 1 (quote it: '1')"),
     ("nested-key-not-a-string", GOOD + "optimizer:\n  args:\n    yes: 3  #<\n", [],
      "optimizer.args: a key must be a string, got boolean True (quote it: 'yes')"),
@@ -376,6 +380,8 @@ SCHEMA_BLIND = {
     "set-without-equals": "a command-line syntax error",
     "key-of-another-kind": "a key left at its default is fine with any kind; JSON Schema cannot compare to defaults",
     "init-from-with-resume-path": "JSON Schema cannot compare two values",
+    "path-of-a-bundled-dataset": "a key left at its default is fine with any dataset; kept simple for editors",
+    "files-key-without-format": "a key left at its default is fine with any dataset; kept simple for editors",
     "nested-key-not-a-string": "JSON keys are strings: a free mapping (args) takes any; the located loader rejects it",
 }
 
@@ -426,6 +432,9 @@ _VALID_STRING = {"model.factory": "my_models:build", "data.factory": "my_data:bu
                  "optimizer.factory": "my_opt:build"}
 
 
+_FILES_KEYS = {"data.path", "data.features", "data.labels", "data.eval_path"}
+
+
 def test_every_string_key_keeps_its_env_reference(tmp_path):
     """A string key must be ``Text``: a plain ``str`` would lose its ``${VAR}`` in dump_config."""
     path, _ = _write_case(tmp_path, None)
@@ -434,7 +443,8 @@ def test_every_string_key_keeps_its_env_reference(tmp_path):
             *_VALID_STRING} <= set(keys)
     for key in keys:
         value = _VALID_STRING.get(key, "x1")
-        config = load_config(path, [f"{key}=${{ORCH_T}}"], environ={"ORCH_T": value})
+        files = ["data.format=npz", "data.path=/data/x.npz"] if key in _FILES_KEYS else []  # read by data.format only
+        config = load_config(path, [*files, f"{key}=${{ORCH_T}}"], environ={"ORCH_T": value})
         loaded, dumped = config, yaml.safe_load(dump_config(config))
         for part in key.split("."):
             loaded, dumped = getattr(loaded, part), dumped[part]
