@@ -349,12 +349,18 @@ def checked_examples(x: Any, y: Any, source: str,
     return _checked_split(x, y, source, keys)
 
 
-def _checked_split(x: Any, y: Any, source: str, keys: tuple[str, str],
-                   allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    x, y = _feature_array(x, source, keys[0]), _label_array(y, source, keys[1])
+def check_same_length(x: Any, y: Any, source: str,
+                      keys: tuple[str, str] = ("data.features", "data.labels")) -> None:
+    """``DatasetError`` at the labels' key unless features and labels have as many rows."""
     if len(x) != len(y):
         raise DatasetError(f"{source}: features ({keys[0]}) have {len(x)} rows but labels ({keys[1]}) "
                            f"{len(y)}; they must have the same length", keys[1])
+
+
+def _checked_split(x: Any, y: Any, source: str, keys: tuple[str, str],
+                   allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _feature_array(x, source, keys[0]), _label_array(y, source, keys[1])
+    check_same_length(x, y, source, keys)
     if not len(x) and not allow_empty:
         raise DatasetError(f"{source}: no examples", keys[0])
     _check_finite(x, source, keys[0], "features")

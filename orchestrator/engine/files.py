@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from orchestrator.checkpoint.storage import Storage
-from orchestrator.engine.data import Dataset, DatasetError, from_arrays
+from orchestrator.engine.data import Dataset, DatasetError, check_same_length, from_arrays
 
 FORMATS = ("npz", "npy", "parquet", "csv")
 SHARDED_FORMATS = ("npz", "parquet")
@@ -67,10 +67,7 @@ def load_files(source: FileSource) -> Dataset | ShardPlan:
     if source.eval_path:
         test = read_arrays(source, source.eval_path, "data.eval_path")
     elif source.eval_fraction is not None:
-        x, y = train  # lengths first: the split indexes both by the labels' rows, hiding a mismatch
-        if len(x) != len(y):
-            raise DatasetError(f"{source.path}: features (data.features) have {len(x)} rows but labels "
-                               f"(data.labels) {len(y)}; they must have the same length", "data.labels")
+        check_same_length(*train, source.path)  # first: the split indexes both by the labels' rows, hiding a mismatch
         train, test = split_off(train, source.eval_fraction)
     return from_arrays(train, test, source.num_classes, source.path)
 
